@@ -1,0 +1,39 @@
+# Two commands set everything up from a fresh clone: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-lock
+
+.PHONY: demo test dev bench bench-quick lint lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/wan-pipeline demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+dev: $(STAMP)
+	$(BIN)/wan-pipeline dev
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py --quick
+
+lint: $(STAMP)
+	$(BIN)/ruff check wan_pipeline tests benchmarks
+
+# Re-resolve the pinned versions (needs uv: `pip install uv`).
+lock:
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+clean:
+	rm -rf $(VENV) data/outputs data/ledger.sqlite* .dagster_home

@@ -1,0 +1,51 @@
+"""Shared fixtures: one running emulator per test session (faults and stats reset for every test)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from wan_pipeline.api import ClientConfig
+from wan_pipeline.emulator import EmulatorConfig, FaultConfig, running_emulator
+from wan_pipeline.settings import Secret
+
+EMULATOR_API_KEY = "sk-test-emulator-4f9c2d7e1a"
+EMULATOR_LATENCY_S = 0.6
+
+
+@pytest.fixture(scope="session")
+def emulator_server() -> Iterator[Any]:
+    config = EmulatorConfig(latency_s=EMULATOR_LATENCY_S, seed=1, api_key=EMULATOR_API_KEY)
+    with running_emulator(config) as emu:
+        yield emu
+
+
+@pytest.fixture
+def emulator(emulator_server: Any) -> Any:
+    """The session's emulator with no faults and zeroed stats."""
+    no_faults = {f.name: getattr(FaultConfig(), f.name) for f in dataclasses.fields(FaultConfig)}
+    emulator_server.update_faults(**no_faults)
+    emulator_server.reset_stats()
+    return emulator_server
+
+
+@pytest.fixture
+def client_config(emulator: Any) -> ClientConfig:
+    """A client config for the emulator: short timeouts, quick retries and polls."""
+    return ClientConfig(
+        base_url=emulator.base_url,
+        api_key=Secret(EMULATOR_API_KEY),
+        connect_timeout=2.0,
+        read_timeout=5.0,
+        write_timeout=5.0,
+        max_attempts=3,
+        max_retry_seconds=5.0,
+        backoff_base_s=0.01,
+        backoff_max_s=0.05,
+        poll_min_interval_s=0.05,
+        poll_max_interval_s=0.5,
+        expected_seconds=EMULATOR_LATENCY_S,
+    )

@@ -1,0 +1,180 @@
+"""The video store: atomic writes, safe file names, provenance sidecars, verification by sha256.
+
+Every test runs against a local directory and against an fsspec `memory://` root.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from upath import UPath
+
+from wan_pipeline.storage import VideoStore, atomic_writer, file_sha256
+
+KEY = "0123456789abcdef" * 2
+VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8
+
+
+@pytest.fixture(params=["local", "memory"])
+def root(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UPath]:
+    if request.param == "local":
+        yield UPath(tmp_path / "videos")
+        return
+    memory = UPath(f"memory://storage-tests/{uuid.uuid4().hex}")
+    yield memory
+    if memory.exists():
+        memory.fs.rm(memory.path, recursive=True)
+
+
+def names_in(directory: UPath) -> list[str]:
+    return sorted(path.name for path in directory.iterdir())
+
+
+def store_video(store: VideoStore, data: bytes = VIDEO, prompt_set: str = "demo") -> UPath:
+    with atomic_writer(store.video_path(prompt_set, KEY)) as handle:
+        handle.write(data)
+    return store.video_path(prompt_set, KEY)
+
+
+def test_atomic_writer_renames_into_place_on_success(root: UPath) -> None:
+    target = root / "set" / "clip.mp4"
+    with atomic_writer(target) as handle:
+        handle.write(b"first half ")
+        assert not target.exists()  # nothing under the final name while writing
+        handle.write(b"second half")
+    assert target.read_bytes() == b"first half second half"
+    assert names_in(target.parent) == ["clip.mp4"]  # no leftover .part file
+
+
+def test_atomic_writer_replaces_an_existing_file(root: UPath) -> None:
+    target = root / "clip.mp4"
+    for content in (b"old", b"new content"):
+        with atomic_writer(target) as handle:
+            handle.write(content)
+    assert target.read_bytes() == b"new content"
+    assert names_in(root) == ["clip.mp4"]
+
+
+def test_atomic_writer_leaves_nothing_when_the_block_fails(root: UPath) -> None:
+    target = root / "set" / "clip.mp4"
+    with pytest.raises(ConnectionError), atomic_writer(target) as handle:
+        handle.write(b"half a download")
+        raise ConnectionError("connection reset")
+    assert not target.exists()
+    assert names_in(target.parent) == []
+
+
+def test_failed_rewrite_keeps_the_previous_file(root: UPath) -> None:
+    target = root / "clip.mp4"
+    with atomic_writer(target) as handle:
+        handle.write(b"verified video")
+    with pytest.raises(ConnectionError), atomic_writer(target) as handle:
+        handle.write(b"half")
+        raise ConnectionError("connection reset")
+    assert target.read_bytes() == b"verified video"
+    assert names_in(root) == ["clip.mp4"]
+
+
+def test_paths_are_built_from_slug_and_key(root: UPath) -> None:
+    store = VideoStore(root)
+    assert store.video_path("demo-set_2", KEY) == root / "demo-set_2" / f"{KEY}.mp4"
+    assert store.sidecar_path("demo-set_2", KEY) == root / "demo-set_2" / f"{KEY}.json"
+
+
+@pytest.mark.parametrize("prompt_set", ["../outside", "a/b", "Demo", "", "-x", ".hidden", "set\n", "a b"])
+def test_prompt_set_must_be_a_slug(root: UPath, prompt_set: str) -> None:
+    store = VideoStore(root)
+    with pytest.raises(ValueError, match="prompt set"):
+        store.video_path(prompt_set, KEY)
+    with pytest.raises(ValueError, match="prompt set"):
+        store.write_sidecar(prompt_set, KEY, {})
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../../etc/passwd", "0123456789ABCDEF", "0123456789abcde", "0123456789abcdeg", f"{KEY}/..", "x" * 16],
+)
+def test_request_key_must_be_hex(root: UPath, key: str) -> None:
+    store = VideoStore(root)
+    for build in (store.video_path, store.sidecar_path):
+        with pytest.raises(ValueError, match="request key"):
+            build("demo", key)
+
+
+def test_sidecar_round_trip(root: UPath) -> None:
+    store = VideoStore(root)
+    provenance = {
+        "request_key": KEY,
+        "seed": 7,
+        "video": {"sha256": "ab" * 32, "size_bytes": 3},
+        "tags": ["a"],
+    }
+    path = store.write_sidecar("demo", KEY, {**provenance, "downloaded_at": datetime(2026, 1, 2, tzinfo=UTC)})
+    assert path == store.sidecar_path("demo", KEY)
+    assert store.read_sidecar("demo", KEY) == {**provenance, "downloaded_at": "2026-01-02 00:00:00+00:00"}
+    assert names_in(path.parent) == [f"{KEY}.json"]
+
+
+def test_missing_or_corrupt_sidecar_reads_as_none(root: UPath) -> None:
+    store = VideoStore(root)
+    assert store.read_sidecar("demo", KEY) is None
+    path = store.sidecar_path("demo", KEY)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for garbage in (b'{"video": {"sha2', b"\xff\xfe not text", b"[1, 2]"):
+        path.write_bytes(garbage)
+        assert store.read_sidecar("demo", KEY) is None
+
+
+def test_file_sha256_gives_size_and_digest(root: UPath) -> None:
+    path = store_video(VideoStore(root))
+    assert file_sha256(path) == (len(VIDEO), hashlib.sha256(VIDEO).hexdigest())
+
+
+def test_video_matching_its_sidecar_is_verified(root: UPath) -> None:
+    store = VideoStore(root)
+    store_video(store)
+    store.write_sidecar("demo", KEY, {"video": {"sha256": hashlib.sha256(VIDEO).hexdigest()}})
+    assert store.is_verified("demo", KEY)
+
+
+def test_video_differing_from_its_sidecar_is_not_verified(root: UPath) -> None:
+    store = VideoStore(root)
+    store_video(store, VIDEO[:-1] + b"!")  # same size, one byte changed
+    store.write_sidecar("demo", KEY, {"video": {"sha256": hashlib.sha256(VIDEO).hexdigest()}})
+    assert not store.is_verified("demo", KEY)
+
+
+def test_expected_sha256_from_the_caller_wins(root: UPath) -> None:
+    store = VideoStore(root)
+    store_video(store)
+    store.write_sidecar("demo", KEY, {"video": {"sha256": "00" * 32}})
+    assert store.is_verified("demo", KEY, expected_sha256=hashlib.sha256(VIDEO).hexdigest())
+    assert not store.is_verified("demo", KEY, expected_sha256="11" * 32)
+
+
+@pytest.mark.parametrize(
+    "sidecar", [None, {}, {"video": {}}, {"video": "not a record"}, ["not", "a", "dict"]]
+)
+def test_video_without_a_usable_checksum_is_not_verified(root: UPath, sidecar: object) -> None:
+    store = VideoStore(root)
+    store_video(store)
+    if sidecar is not None:
+        path = store.sidecar_path("demo", KEY)
+        path.write_text(json.dumps(sidecar))
+    assert not store.is_verified("demo", KEY)
+
+
+def test_missing_video_is_not_verified(root: UPath) -> None:
+    store = VideoStore(root)
+    store.write_sidecar("demo", KEY, {"video": {"sha256": hashlib.sha256(VIDEO).hexdigest()}})
+    assert not store.is_verified("demo", KEY)
+
+
+def test_repr_shows_the_root(root: UPath) -> None:
+    assert repr(VideoStore(root)) == f"VideoStore({str(root)!r})"

@@ -1,0 +1,380 @@
+"""Write-ahead submission of a prompt set: every request bought at most once, whatever happens.
+
+Against the emulator over loopback HTTP (its counters say what was created), on SQLite and on
+PostgreSQL. Answers the emulator cannot give (400, 403, a bug in the client) come from a scripted
+stand-in for the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ledger_worker import LedgerTarget, ledger_target, wait_for
+from PIL import Image
+
+from wan_pipeline.api import (
+    AsyncAimlApiClient,
+    AuthenticationError,
+    ClientConfig,
+    Generation,
+    OutOfCredits,
+    RequestRejected,
+    ServerError,
+)
+from wan_pipeline.catalog import CatalogRequest, load_prompt_set
+from wan_pipeline.emulator import EmulatorConfig, FaultConfig, running_emulator
+from wan_pipeline.ledger import Ledger, State
+from wan_pipeline.settings import Secret
+from wan_pipeline.submission import (
+    BudgetExceeded,
+    plan_submission,
+    submit_planned,
+    submit_prompt_set,
+)
+
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+WORKER = Path(__file__).with_name("ledger_worker.py")
+REPO = Path(__file__).resolve().parents[1]
+API_KEY = "sk-test-submission-8d1e5b"
+CREATE_ROUTE = "POST /v2/video/generations"
+USD_PER_REQUEST = 0.525  # 5 s at 720p
+
+
+@pytest.fixture(scope="module")
+def emulator_server() -> Iterator[Any]:
+    # Tiny frames: every accepted create starts an encode, which must not load the 2 cores.
+    config = EmulatorConfig(latency_s=30.0, small_frames=True, api_key=API_KEY, seed=7)
+    with running_emulator(config) as emu:
+        yield emu
+
+
+@pytest.fixture
+def emulator(emulator_server: Any) -> Any:
+    defaults = {f.name: getattr(FaultConfig(), f.name) for f in dataclasses.fields(FaultConfig)}
+    emulator_server.update_faults(**defaults)
+    emulator_server.reset_stats()
+    return emulator_server
+
+
+@pytest.fixture
+def client_config(emulator: Any) -> ClientConfig:
+    return ClientConfig(
+        base_url=emulator.base_url,
+        api_key=Secret(API_KEY),
+        read_timeout=5.0,
+        max_attempts=2,
+        max_retry_seconds=2.0,
+        backoff_base_s=0.01,
+        backoff_max_s=0.02,
+        expected_seconds=20.0,
+    )
+
+
+@pytest.fixture(params=BACKENDS)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
+    with ledger_target(request.param, tmp_path) as where:
+        yield where
+
+
+@pytest.fixture
+def ledger(target: LedgerTarget) -> Iterator[Ledger]:
+    opened = target.open()
+    yield opened
+    opened.close()
+
+
+def write_prompt_set(folder: Path, name: str, seeds: list[int]) -> Path:
+    """A YAML prompt set: one image, one prompt, one generation per seed (5 s at 720p)."""
+    image = folder / "media" / "frame.png"
+    if not image.exists():
+        image.parent.mkdir(parents=True)
+        Image.new("RGB", (480, 360), (40, 90, 160)).save(image)
+    path = folder / f"{name}.yaml"
+    item = {"image": "media/frame.png", "prompt": "A slow pan across the harbour", "seeds": seeds}
+    path.write_text(yaml.safe_dump({"defaults": {"resolution": "720p", "duration": 5}, "items": [item]}))
+    return path
+
+
+def catalog(folder: Path, name: str, seeds: list[int]) -> list[CatalogRequest]:
+    return load_prompt_set(write_prompt_set(folder, name, seeds)).requests
+
+
+def creates(emulator: Any) -> dict[str, int]:
+    """How many times the emulator accepted each distinct create body."""
+    return emulator.stats()["creates_by_body_hash"]
+
+
+def create_calls(emulator: Any) -> int:
+    return sum(emulator.stats()["requests"].get(CREATE_ROUTE, {}).values())
+
+
+def states(ledger: Ledger, requests: list[CatalogRequest]) -> list[State]:
+    return [row.state for row in ledger.rows_for_keys(r.request_key for r in requests)]
+
+
+def test_a_set_is_bought_once_and_reused_on_rerun(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2, 3, 4])
+    before = datetime.now(UTC)
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+
+    assert (report.new, report.reused, report.in_doubt, report.failed_to_submit) == (4, 0, [], [])
+    assert report.usd_spent == pytest.approx(4 * USD_PER_REQUEST)
+    assert sorted(creates(emulator).values()) == [1, 1, 1, 1]
+    rows = ledger.rows("harbour")
+    assert {r.state for r in rows} == {State.SUBMITTED}
+    assert set(emulator.stats()["generations"]) == {r.generation_id for r in rows}
+    for row in rows:
+        # First poll just before the expected processing time (0.9 x 20 s), not right away.
+        assert before + timedelta(seconds=17) < row.next_poll_at < datetime.now(UTC) + timedelta(seconds=19)
+        assert row.expected_seconds == 20.0
+
+    again = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+    assert (again.new, again.reused, again.usd_spent) == (0, 4, 0.0)
+    assert create_calls(emulator) == 4
+
+
+def test_a_request_shared_by_two_sets_is_bought_once(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    first = catalog(tmp_path, "first", [1, 2])
+    second = catalog(tmp_path, "second", [2, 3])
+    submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "first", first)
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "second", second)
+
+    assert (report.new, report.reused) == (1, 1)
+    assert sorted(creates(emulator).values()) == [1, 1, 1]
+    shared = ledger.row(second[0].request_key)
+    assert shared.prompt_sets == ("first", "second")
+
+
+def test_dry_run_and_budget_guard_create_nothing(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2, 3])
+    factory = lambda: AsyncAimlApiClient(client_config)  # noqa: E731
+
+    dry = submit_prompt_set(ledger, factory, "harbour", requests, dry_run=True)
+    assert [r.request_key for r in dry.would_submit] == [r.request_key for r in requests]
+    assert dry.plan.estimated_usd == pytest.approx(3 * USD_PER_REQUEST)
+    with pytest.raises(BudgetExceeded, match="3 request"):
+        submit_prompt_set(ledger, factory, "harbour", requests, max_usd=1.0)
+
+    assert create_calls(emulator) == 0
+    assert states(ledger, requests) == [State.PLANNED] * 3
+    report = submit_prompt_set(ledger, factory, "harbour", requests, max_usd=1.6)
+    assert report.new == 3
+
+
+def test_the_budget_counts_only_what_would_be_newly_bought(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    factory = lambda: AsyncAimlApiClient(client_config)  # noqa: E731
+    submit_prompt_set(ledger, factory, "pilot", catalog(tmp_path, "pilot", [1, 2]))
+    full = catalog(tmp_path, "full", [1, 2, 3, 4])
+
+    with pytest.raises(BudgetExceeded):
+        submit_prompt_set(ledger, factory, "full", full, max_usd=2 * USD_PER_REQUEST - 0.01)
+    report = submit_prompt_set(ledger, factory, "full", full, max_usd=2 * USD_PER_REQUEST + 0.01)
+    assert (report.new, report.reused) == (2, 2)
+    assert sorted(creates(emulator).values()) == [1, 1, 1, 1]
+
+
+def test_a_lost_create_answer_is_in_doubt_and_resubmitted_only_when_asked(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2])
+    factory = lambda: AsyncAimlApiClient(client_config)  # noqa: E731
+    emulator.update_faults(create_504_rate=1.0)  # the provider answers 504: it may have created it
+    report = submit_prompt_set(ledger, factory, "harbour", requests)
+    assert report.new == 0 and sorted(report.in_doubt) == sorted(r.request_key for r in requests)
+    assert create_calls(emulator) == 2  # one try each: an ambiguous create is never retried blindly
+
+    emulator.update_faults(create_504_rate=0.0)
+    rerun = submit_prompt_set(ledger, factory, "harbour", requests)
+    dry = submit_prompt_set(ledger, factory, "harbour", requests, dry_run=True, resubmit_in_doubt=True)
+    assert (rerun.new, sorted(rerun.in_doubt), create_calls(emulator)) == (0, sorted(report.in_doubt), 2)
+    assert len(dry.would_submit) == 2 and states(ledger, requests) == [State.IN_DOUBT] * 2
+
+    resubmitted = submit_prompt_set(ledger, factory, "harbour", requests, resubmit_in_doubt=True)
+    assert (resubmitted.new, resubmitted.in_doubt) == (2, [])
+    assert [row.attempts for row in ledger.rows("harbour")] == [2, 2]
+
+
+def test_a_create_surely_not_accepted_goes_back_to_planned(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2])
+    factory = lambda: AsyncAimlApiClient(client_config)  # noqa: E731
+    emulator.update_faults(create_503_rate=1.0)
+    report = submit_prompt_set(ledger, factory, "harbour", requests)
+
+    assert report.new == 0 and report.in_doubt == []
+    assert sorted(key for key, _ in report.failed_to_submit) == sorted(r.request_key for r in requests)
+    assert all("CreateNotAccepted" in message for _, message in report.failed_to_submit)
+    assert states(ledger, requests) == [State.PLANNED] * 2
+    assert emulator.stats()["accepted_creates"] == 0
+
+    emulator.update_faults(create_503_rate=0.0)
+    assert submit_prompt_set(ledger, factory, "harbour", requests).new == 2  # no flag needed
+
+
+def test_media_that_became_unreadable_is_not_sent_and_stays_planned(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1])
+    (tmp_path / "media" / "frame.png").write_bytes(b"not an image any more")
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+
+    assert report.new == 0 and "MediaError" in report.failed_to_submit[0][1]
+    assert create_calls(emulator) == 0
+    assert states(ledger, requests) == [State.PLANNED]
+
+
+def test_a_bad_api_key_stops_creating_and_raises(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2, 3])
+    wrong_key = dataclasses.replace(client_config, api_key=Secret("sk-wrong"))
+    with pytest.raises(AuthenticationError):
+        submit_prompt_set(
+            ledger, lambda: AsyncAimlApiClient(wrong_key), "harbour", requests, max_concurrency=1
+        )
+
+    assert create_calls(emulator) == 1  # the first 401 stopped the rest
+    assert states(ledger, requests) == [State.PLANNED] * 3
+
+
+@dataclass
+class ScriptedClient:
+    """Stands in for `AsyncAimlApiClient` for answers the emulator cannot give."""
+
+    failures: dict[str, BaseException]  # request_key -> what its create raises; the others succeed
+    config: ClientConfig = field(default_factory=lambda: ClientConfig(expected_seconds=10.0))
+    calls: list[str] = field(default_factory=list)
+
+    async def submit(
+        self, request: Any, *, request_key: str, attempt: int = 1, base_dir: Any = None
+    ) -> Generation:
+        self.calls.append(request_key)
+        await asyncio.sleep(0)
+        if request_key in self.failures:
+            raise self.failures[request_key]
+        return Generation(
+            f"gen-{request_key[:8]}", "queued", "pending", credits_used=1_050_000, usd_spent=0.525
+        )
+
+
+def run_scripted(ledger: Ledger, requests: list[CatalogRequest], client: ScriptedClient) -> Any:
+    plan = plan_submission(ledger, "harbour", requests)
+    return asyncio.run(submit_planned(ledger, client, plan, max_concurrency=1))
+
+
+def test_a_rejected_request_is_recorded_and_the_others_go_on(ledger: Ledger, tmp_path: Path) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2, 3])
+    bad = requests[1].request_key
+    client = ScriptedClient({bad: RequestRejected("Body validation error!", status_code=400)})
+    report = run_scripted(ledger, requests, client)
+
+    assert report.new == 2
+    assert report.rejected == [(bad, "RequestRejected: Body validation error! [HTTP 400]")]
+    assert states(ledger, requests) == [State.SUBMITTED, State.REJECTED, State.SUBMITTED]
+    assert plan_submission(ledger, "harbour", requests).rejected == [bad]  # never sent again as is
+
+
+def test_out_of_credits_stops_creating_and_nothing_unsent_is_lost(ledger: Ledger, tmp_path: Path) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2, 3, 4])
+    client = ScriptedClient({requests[1].request_key: OutOfCredits("out of credits", status_code=403)})
+    report = run_scripted(ledger, requests, client)
+
+    assert report.out_of_credits and report.new == 1
+    assert client.calls == [requests[0].request_key, requests[1].request_key]
+    assert [key for key, _ in report.failed_to_submit] == [r.request_key for r in requests[1:]]
+    assert states(ledger, requests) == [State.SUBMITTED] + [State.PLANNED] * 3
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [
+        (ServerError("HTTP 507", status_code=507), State.IN_DOUBT),  # a 5xx we cannot read: may exist
+        (ServerError("bad gateway", status_code=502), State.PLANNED),
+        (KeyError("a bug in the client"), State.IN_DOUBT),
+    ],
+)
+def test_what_a_failed_create_means_for_the_money(
+    ledger: Ledger, tmp_path: Path, failure: BaseException, expected: State
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1])
+    client = ScriptedClient({requests[0].request_key: failure})
+    if isinstance(failure, KeyError):  # unexpected: recorded, then raised
+        with pytest.raises(KeyError):
+            run_scripted(ledger, requests, client)
+    else:
+        run_scripted(ledger, requests, client)
+    assert states(ledger, requests) == [expected]
+
+
+def test_two_submitters_on_one_set_never_create_twice(
+    target: LedgerTarget, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", list(range(1, 9)))
+    reports: list[Any] = []
+
+    def submitter() -> None:
+        ledger = target.open()  # its own engine and claim owner, as another process would have
+        reports.append(
+            submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+        )
+
+    threads = [threading.Thread(target=submitter) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+
+    assert sum(r.new for r in reports) == 8
+    assert sorted(creates(emulator).values()) == [1] * 8
+
+
+def test_a_killed_submitter_leaves_a_ledger_the_rerun_completes_without_duplicates(
+    target: LedgerTarget, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    set_file = write_prompt_set(tmp_path, "harbour", [1, 2, 3, 4])
+    requests = load_prompt_set(set_file).requests
+    flag = tmp_path / "hanging"
+    environment = {**os.environ, "AIMLAPI_BASE_URL": emulator.base_url, "AIMLAPI_API_KEY": API_KEY}
+    worker = subprocess.Popen(
+        [sys.executable, str(WORKER), "submit", target.to_json(), str(set_file), "2", str(flag)],
+        env=environment,
+        cwd=REPO,
+    )
+    try:
+        # The second create was accepted (and charged) by the provider; its answer is not recorded yet.
+        wait_for(lambda: flag.exists() or worker.poll() is not None, "the worker to hang mid-create")
+        assert worker.poll() is None, "the worker ended before its second create"
+        ledger = target.open()
+        assert states(ledger, requests) == [State.SUBMITTED, State.SUBMITTING, State.PLANNED, State.PLANNED]
+    finally:
+        worker.kill()  # SIGKILL
+        worker.wait()
+
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+
+    assert (report.new, report.reused, report.in_doubt) == (2, 1, [requests[1].request_key])
+    assert sorted(creates(emulator).values()) == [1, 1, 1, 1]  # no request was created twice
+    mid_call = ledger.row(requests[1].request_key)
+    assert mid_call.state is State.IN_DOUBT and "died" in mid_call.error
+    assert states(ledger, requests) == [State.SUBMITTED, State.IN_DOUBT, State.SUBMITTED, State.SUBMITTED]

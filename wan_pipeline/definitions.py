@@ -1,0 +1,50 @@
+"""The one Definitions object that `workspace.yaml` loads."""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from wan_pipeline.defs.assets import downloaded_videos, generation_requests, generation_results, submitted_generations
+from wan_pipeline.defs.checks import no_failed_generations, videos_match_requests
+from wan_pipeline.defs.io import ParquetIOManager
+from wan_pipeline.defs.jobs import collect_job, submit_job
+from wan_pipeline.defs.resources import AimlApiResource, CatalogResource, LedgerResource, VideoStoreResource
+from wan_pipeline.defs.schedules import production_schedule
+from wan_pipeline.defs.sensors import generation_completion_sensor, prompt_set_sensor
+from wan_pipeline.settings import Settings, load_settings
+
+
+def _optional_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    return float(value) if value else None
+
+
+def build_definitions(settings: Settings | None = None) -> dg.Definitions:
+    settings = settings or load_settings()
+    return dg.Definitions(
+        assets=[generation_requests, submitted_generations, generation_results, downloaded_videos],
+        asset_checks=[videos_match_requests, no_failed_generations],
+        jobs=[submit_job, collect_job],
+        sensors=[prompt_set_sensor, generation_completion_sensor],
+        schedules=[production_schedule],
+        resources={
+            # The key is resolved from the environment at run time and never stored in config.
+            "aimlapi": AimlApiResource(
+                api_key=dg.EnvVar("AIMLAPI_API_KEY"),
+                base_url=settings.base_url,
+                max_concurrency=int(os.environ.get("WAN_PIPELINE_API_CONCURRENCY") or 8),
+                expected_seconds=_optional_float("WAN_PIPELINE_EXPECTED_SECONDS"),
+            ),
+            "ledger": LedgerResource(url=settings.ledger_url),
+            "video_store": VideoStoreResource(root=settings.output_root),
+            "catalog": CatalogResource(
+                catalog_dir=str(settings.catalog_dir), allowed_roots=[str(p) for p in settings.allowed_roots]
+            ),
+            "parquet_io_manager": ParquetIOManager(base_dir=f"{settings.output_root.rstrip('/')}/_assets"),
+        },
+    )
+
+
+defs = build_definitions()

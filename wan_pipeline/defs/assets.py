@@ -1,0 +1,304 @@
+"""The four assets of a prompt set: catalog -> submissions -> results -> downloaded videos."""
+
+
+import base64
+import hashlib
+
+import dagster as dg
+import pandas as pd
+
+from wan_pipeline.catalog import CatalogError, requests_from_dataframe
+from wan_pipeline.collection import collect_videos
+from wan_pipeline.ledger import LedgerRow, State
+from wan_pipeline.media import contact_sheet
+from wan_pipeline.polling import wait_until_terminal
+from wan_pipeline.submission import BudgetExceeded, submit_prompt_set
+
+from .partitions import prompt_sets
+from .resources import AimlApiResource, CatalogResource, LedgerResource, VideoStoreResource
+
+OWNERS = ["team:video-platform"]
+PREVIEW_ROWS = 20
+
+
+def request_keys_version(keys: pd.Series) -> str:
+    """Data version of a catalog: the hash of its sorted request keys (prompt edits change it)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def _markdown_table(df: pd.DataFrame) -> dg.MetadataValue:
+    return dg.MetadataValue.md(df.head(PREVIEW_ROWS).to_markdown(index=False) if len(df) else "_(empty)_")
+
+
+def _table_schema(df: pd.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(name=str(c), type=str(t)) for c, t in df.dtypes.items()])
+
+
+def _rows_frame(rows: list[LedgerRow]) -> pd.DataFrame:
+    def processing_s(row: LedgerRow) -> float | None:
+        if row.completed_at and row.submitted_at:
+            return (row.completed_at - row.submitted_at).total_seconds()
+        return None
+
+    return pd.DataFrame(
+        {
+            "request_key": [r.request_key for r in rows],
+            "state": [str(r.state) for r in rows],
+            "generation_id": [r.generation_id for r in rows],
+            "raw_status": [r.raw_status for r in rows],
+            "attempts": [r.attempts for r in rows],
+            "submitted_at": pd.to_datetime([r.submitted_at for r in rows], utc=True),
+            "completed_at": pd.to_datetime([r.completed_at for r in rows], utc=True),
+            "processing_s": pd.array([processing_s(r) for r in rows], dtype="Float64"),
+            "video_url": [r.video_url for r in rows],
+            "error": [r.error for r in rows],
+            "credits_used": pd.array([r.credits_used for r in rows], dtype="Float64"),
+            "usd_spent": pd.array([r.usd_spent for r in rows], dtype="Float64"),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=prompt_sets,
+    group_name="catalog",
+    code_version="1",
+    owners=OWNERS,
+    kinds={"yaml", "pandas"},
+    io_manager_key="parquet_io_manager",
+)
+def generation_requests(context: dg.AssetExecutionContext, catalog: CatalogResource) -> dg.Output[pd.DataFrame]:
+    """The validated, expanded catalog of one prompt set: one row per generation, keyed by request_key.
+
+    Nothing downstream runs when the catalog is invalid: every problem is listed in the failure.
+    """
+    try:
+        prompt_set = catalog.load(context.partition_key)
+    except CatalogError as exc:
+        raise dg.Failure(
+            description=f"Prompt set {context.partition_key!r} is invalid; nothing was submitted.\n{exc}",
+            metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in exc.problems))},
+        ) from None
+    frame = prompt_set.to_dataframe()
+    return dg.Output(
+        frame,
+        data_version=dg.DataVersion(request_keys_version(frame["request_key"])),
+        metadata={
+            "catalog_file": dg.MetadataValue.path(str(prompt_set.path)),
+            "catalog_sha256": prompt_set.file_sha256,
+            "dagster/row_count": len(frame),
+            "estimated_usd": round(prompt_set.estimated_usd, 4),
+            "preview": _markdown_table(frame.drop(columns=["image_url", "audio_url"], errors="ignore")),
+            "dagster/column_schema": _table_schema(frame),
+        },
+    )
+
+
+class SubmissionConfig(dg.Config):
+    dry_run: bool = False
+    """List what would be submitted and its cost; submit nothing."""
+    max_usd: float | None = None
+    """Refuse to start when the estimate of what this run would newly buy exceeds it."""
+    resubmit_in_doubt: bool = False
+    """Resubmit generations whose create answer was lost (they may already be paid for)."""
+    retry_failed: bool = False
+    """Resubmit generations the provider reported as failed."""
+
+
+@dg.asset(
+    partitions_def=prompt_sets,
+    group_name="generation",
+    code_version="1",
+    owners=OWNERS,
+    kinds={"api"},
+    pool="aimlapi",
+    io_manager_key="parquet_io_manager",
+)
+def submitted_generations(
+    context: dg.AssetExecutionContext,
+    config: SubmissionConfig,
+    generation_requests: pd.DataFrame,
+    aimlapi: AimlApiResource,
+    ledger: LedgerResource,
+) -> dg.Output[pd.DataFrame]:
+    """Creates the generations the ledger has not bought yet (write-ahead), and reuses the rest."""
+    requests = requests_from_dataframe(generation_requests)
+    store = ledger.get()
+    try:
+        report = submit_prompt_set(
+            store,
+            aimlapi.async_client,
+            context.partition_key,
+            requests,
+            max_concurrency=aimlapi.max_concurrency,
+            max_usd=config.max_usd,
+            dry_run=config.dry_run,
+            resubmit_in_doubt=config.resubmit_in_doubt,
+            retry_failed=config.retry_failed,
+        )
+    except BudgetExceeded as exc:
+        raise dg.Failure(description=str(exc)) from None
+    rows = store.rows_for_keys(r.request_key for r in requests)
+    frame = _rows_frame(rows)
+    metadata = {
+        "new": report.new,
+        "reused": report.reused,
+        "in_doubt": len(report.in_doubt),
+        "rejected": len(report.rejected),
+        "not_submitted": len(report.failed_to_submit),
+        "credits_used": float(report.credits_used or 0),
+        "usd_spent": round(float(report.usd_spent or 0), 4),
+        "dry_run": config.dry_run,
+        "dagster/row_count": len(frame),
+    }
+    if config.dry_run:
+        metadata["would_submit"] = _markdown_table(
+            pd.DataFrame({"request_key": [r.request_key for r in report.would_submit],
+                          "estimated_usd": [r.estimated_usd for r in report.would_submit]})
+        )
+        metadata["would_spend_usd"] = round(sum(r.estimated_usd for r in report.would_submit), 4)
+    if report.rejected:
+        metadata["rejections"] = dg.MetadataValue.md("\n".join(f"- `{k}`: {m}" for k, m in report.rejected))
+    context.log.info(
+        f"{context.partition_key}: {report.new} new, {report.reused} reused, {len(report.in_doubt)} in doubt, "
+        f"{len(report.rejected)} rejected, ${float(report.usd_spent or 0):.4f} spent"
+    )
+    if report.out_of_credits:
+        raise dg.Failure(
+            description="The API answered 403 (out of credits): submission stopped. Nothing unsent was charged.",
+            metadata=metadata,
+        )
+    return dg.Output(frame, metadata=metadata)
+
+
+class ResultsConfig(dg.Config):
+    wait_deadline_s: float = 1800.0
+    """How long an ad-hoc run waits for generations still pending at the provider."""
+
+
+@dg.asset(
+    partitions_def=prompt_sets,
+    group_name="generation",
+    code_version="1",
+    owners=OWNERS,
+    kinds={"api"},
+    io_manager_key="parquet_io_manager",
+)
+def generation_results(
+    context: dg.AssetExecutionContext,
+    config: ResultsConfig,
+    submitted_generations: pd.DataFrame,
+    aimlapi: AimlApiResource,
+    ledger: LedgerResource,
+) -> dg.Output[pd.DataFrame]:
+    """The final state of every generation of the set. Waits (adaptive polling) for pending ones.
+
+    Failed generations do not fail the asset: they are counted and listed.
+    """
+    store = ledger.get()
+    keys = list(submitted_generations["request_key"])
+    still_pending = wait_until_terminal(
+        store,
+        aimlapi.client_config(),
+        keys,
+        deadline_s=config.wait_deadline_s,
+        on_progress=lambda report, pending: context.log.info(
+            f"polled {report.polled}: {report.completed} completed, {report.failed} failed, {pending} pending"
+        ),
+    )
+    if still_pending:
+        listing = ", ".join(f"{r.request_key} ({r.generation_id}, {r.raw_status})" for r in still_pending[:20])
+        raise dg.Failure(
+            description=f"{len(still_pending)} generation(s) still pending after {config.wait_deadline_s:.0f} s: {listing}",
+            metadata={"pending": len(still_pending)},
+        )
+    rows = store.rows_for_keys(keys)
+    frame = _rows_frame(rows)
+    failed = frame[frame["state"].isin([str(State.FAILED), str(State.REJECTED)])]
+    counts = frame["state"].value_counts().to_dict()
+    metadata = {
+        "completed": int(counts.get(str(State.COMPLETED), 0)),
+        "failed": len(failed),
+        "in_doubt": int(counts.get(str(State.IN_DOUBT), 0)),
+        "not_submitted": int(counts.get(str(State.PLANNED), 0)),
+        "usd_spent": round(float(frame["usd_spent"].fillna(0).sum()), 4),
+        "median_processing_s": float(frame["processing_s"].median()) if frame["processing_s"].notna().any() else 0.0,
+        "dagster/row_count": len(frame),
+        "results": _markdown_table(frame[["request_key", "state", "raw_status", "processing_s", "usd_spent", "error"]]),
+    }
+    if len(failed):
+        metadata["failures"] = dg.MetadataValue.md(
+            "\n".join(f"- `{r.request_key}`: {r.error}" for r in failed.itertuples())
+        )
+    return dg.Output(frame, metadata=metadata)
+
+
+@dg.asset(
+    partitions_def=prompt_sets,
+    group_name="generation",
+    code_version="1",
+    owners=OWNERS,
+    kinds={"video"},
+    io_manager_key="parquet_io_manager",
+)
+def downloaded_videos(
+    context: dg.AssetExecutionContext,
+    generation_requests: pd.DataFrame,
+    generation_results: pd.DataFrame,
+    aimlapi: AimlApiResource,
+    ledger: LedgerResource,
+    video_store: VideoStoreResource,
+) -> dg.Output[pd.DataFrame]:
+    """Every completed video at `<output>/<set>/<request_key>.mp4` with a `.json` provenance sidecar."""
+    requests = requests_from_dataframe(generation_requests)
+    store = video_store.get()
+    report = collect_videos(ledger.get(), aimlapi.client_config(), store, requests)
+    by_key = {r.request_key: r for r in requests}
+    frame = pd.DataFrame(
+        {
+            "request_key": [v.request_key for v in report.videos],
+            "path": [v.path for v in report.videos],
+            "sha256": [v.sha256 for v in report.videos],
+            "bytes": [v.size_bytes for v in report.videos],
+            "width": [v.probe.get("width") for v in report.videos],
+            "height": [v.probe.get("height") for v in report.videos],
+            "duration_s": [v.probe.get("duration_s") for v in report.videos],
+            "has_audio": [v.probe.get("has_audio") for v in report.videos],
+            "downloaded_now": [v.downloaded for v in report.videos],
+        }
+    )
+    metadata: dict = {
+        "videos": len(report.videos),
+        "downloaded": report.downloaded,
+        "already_verified": report.skipped_verified,
+        "bytes_downloaded": report.bytes_downloaded,
+        "refreshed_urls": report.refreshed_urls,
+        "seconds_of_video": float(frame["duration_s"].sum()) if len(frame) else 0.0,
+        "output_folder": dg.MetadataValue.path(str(store.set_dir(context.partition_key))),
+        "dagster/row_count": len(frame),
+    }
+    if report.videos:
+        sheet = contact_sheet(
+            [
+                (
+                    v.path,
+                    f"{v.request_key[:8]} seed {by_key[v.request_key].request.seed} "
+                    f"{by_key[v.request_key].request.resolution} {by_key[v.request_key].request.duration}s",
+                )
+                for v in report.videos
+            ],
+            tile_width=240,
+        )
+        sheet_path = store.set_dir(context.partition_key) / "contact_sheet.png"
+        sheet_path.write_bytes(sheet)
+        metadata["contact_sheet"] = dg.MetadataValue.md(
+            f"![contact sheet](data:image/png;base64,{base64.b64encode(sheet).decode()})"
+        )
+        metadata["contact_sheet_path"] = dg.MetadataValue.path(str(sheet_path))
+    if report.failures:
+        listing = "\n".join(f"- `{k}`: {m}" for k, m in report.failures)
+        raise dg.Failure(
+            description=f"{len(report.failures)} download(s) failed; verified videos are kept:\n{listing}",
+            metadata=metadata,
+        )
+    return dg.Output(frame, metadata=metadata)
+

@@ -1,0 +1,58 @@
+"""Asset checks on a prompt set's outputs."""
+
+
+import dagster as dg
+import pandas as pd
+
+from wan_pipeline.catalog import requests_from_dataframe
+from wan_pipeline.collection import verify_videos
+from wan_pipeline.ledger import State
+
+from .assets import downloaded_videos, generation_results
+from .partitions import prompt_sets
+from .resources import VideoStoreResource
+
+
+@dg.asset_check(
+    asset=downloaded_videos,
+    blocking=True,
+    partitions_def=prompt_sets,
+    additional_ins={"generation_requests": dg.AssetIn(), "generation_results": dg.AssetIn()},
+    description="Every completed generation has a decodable video whose resolution, duration and audio "
+    "match its request and whose sha256 matches its provenance sidecar.",
+)
+def videos_match_requests(
+    context: dg.AssetCheckExecutionContext,
+    generation_requests: pd.DataFrame,
+    generation_results: pd.DataFrame,
+    video_store: VideoStoreResource,
+) -> dg.AssetCheckResult:
+    completed = set(generation_results.loc[generation_results["state"] == str(State.COMPLETED), "request_key"])
+    problems = verify_videos(video_store.get(), requests_from_dataframe(generation_requests), completed)
+    return dg.AssetCheckResult(
+        passed=not problems,
+        metadata={
+            "videos_checked": len(completed),
+            "problems": len(problems),
+            "details": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems) or "all videos match"),
+        },
+    )
+
+
+@dg.asset_check(
+    asset=generation_results,
+    partitions_def=prompt_sets,
+    description="Warns when the provider reported failed generations (or rejected requests); lists them.",
+)
+def no_failed_generations(generation_results: pd.DataFrame) -> dg.AssetCheckResult:
+    failed = generation_results[generation_results["state"].isin([str(State.FAILED), str(State.REJECTED)])]
+    return dg.AssetCheckResult(
+        passed=failed.empty,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "failed": len(failed),
+            "failures": dg.MetadataValue.md(
+                "\n".join(f"- `{r.request_key}` ({r.state}): {r.error}" for r in failed.itertuples()) or "none"
+            ),
+        },
+    )

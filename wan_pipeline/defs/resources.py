@@ -1,0 +1,79 @@
+"""Dagster resources: configuration holders that hand out the core objects."""
+
+
+from functools import cache
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from wan_pipeline.api import AimlApiClient, AsyncAimlApiClient, ClientConfig
+from wan_pipeline.catalog import PromptSet, discover_prompt_sets, load_prompt_set
+from wan_pipeline.ledger import Ledger
+from wan_pipeline.settings import DEFAULT_BASE_URL, Secret
+from wan_pipeline.storage import VideoStore
+
+
+class AimlApiResource(dg.ConfigurableResource):
+    """The AI/ML API (or the local emulator). The key comes from `dg.EnvVar("AIMLAPI_API_KEY")`."""
+
+    api_key: str = Field(description="Bearer key; wire it with dg.EnvVar('AIMLAPI_API_KEY') so it never shows in config.")
+    base_url: str = DEFAULT_BASE_URL
+    max_concurrency: int = Field(default=8, description="In-flight API calls per process.")
+    expected_seconds: float | None = Field(
+        default=None, description="Override the model's expected processing time (first poll timing)."
+    )
+    read_timeout_s: float = 60.0
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(
+            base_url=self.base_url,
+            api_key=Secret(self.api_key),
+            max_concurrency=self.max_concurrency,
+            expected_seconds=self.expected_seconds,
+            read_timeout=self.read_timeout_s,
+        )
+
+    def client(self) -> AimlApiClient:
+        return AimlApiClient(self.client_config())
+
+    def async_client(self) -> AsyncAimlApiClient:
+        return AsyncAimlApiClient(self.client_config())
+
+
+@cache
+def _ledger(url: str) -> Ledger:
+    # One engine (connection pool) per process and URL, shared by assets, checks and sensors.
+    return Ledger(url)
+
+
+class LedgerResource(dg.ConfigurableResource):
+    url: str = Field(description="SQLAlchemy URL: sqlite:///data/ledger.sqlite or postgresql://...")
+
+    def get(self) -> Ledger:
+        return _ledger(self.url)
+
+
+class VideoStoreResource(dg.ConfigurableResource):
+    root: str = Field(description="Output root: a local path or any fsspec URL.")
+
+    def get(self) -> VideoStore:
+        return VideoStore(self.root)
+
+
+class CatalogResource(dg.ConfigurableResource):
+    catalog_dir: str = Field(description="Folder of prompt-set files (one file = one prompt set).")
+    allowed_roots: list[str] = Field(
+        default_factory=list, description="Extra folders that local image paths may point into."
+    )
+
+    def files(self) -> dict[str, Path]:
+        return discover_prompt_sets(Path(self.catalog_dir))
+
+    def load(self, prompt_set: str) -> PromptSet:
+        files = self.files()
+        if prompt_set not in files:
+            raise dg.Failure(
+                description=f"No prompt-set file named {prompt_set}.yaml/.yml/.csv in {self.catalog_dir}",
+            )
+        return load_prompt_set(files[prompt_set], allowed_roots=[Path(r) for r in self.allowed_roots])

@@ -1,0 +1,35 @@
+"""A local AI/ML API for `alibaba/wan-2-6-i2v`: the same HTTP contract, real mp4s, injectable faults.
+
+It is the pipeline's default peer when no API key is configured, and the peer every test talks to
+over loopback HTTP. `app` lists the routes, `config` the knobs, `video` the encoder.
+
+    with running_emulator(EmulatorConfig(latency_s=0.5)) as emu:
+        httpx.post(f"{emu.base_url}/v2/video/generations", headers={"Authorization": "Bearer any"}, json=...)
+
+Where the contract is silent, the emulator assumes (and a client must not rely on more):
+- 720p costs $0.105/s (1080p is documented at $0.1575/s); credits are charged at create.
+- 400 bodies list zod-style issues under `errors`; unknown body keys are ignored; prompts are not
+  length-checked (upstream truncates); `duration` may be a numeric string.
+- The 429 body carries `statusCode` as the string "429", as in the provider's documented example;
+  `Retry-After` (when injected) is in seconds and may be fractional, e.g. "0.5".
+- Injected 500/502/503/504 answers on create never create a generation; only `create_drop` creates
+  one whose answer is lost (the connection is closed without a response).
+- An http(s) `image_url` cannot be fetched offline: a generated placeholder image is animated
+  instead; an http(s) `audio_url` is replaced by a tone.
+- A malformed `X-Client-Request-Id` is ignored (not echoed) rather than refused.
+- `small_frames=True` (benchmarks) ignores the requested resolution: 128x72 frames at 8 fps.
+- Generation ids are random, not seeded, so they stay unique across emulator restarts.
+"""
+
+from wan_pipeline.emulator.config import EmulatorConfig, FaultConfig, add_cli_arguments, config_from_args
+from wan_pipeline.emulator.server import RunningEmulator, running_emulator, serve
+
+__all__ = [
+    "EmulatorConfig",
+    "FaultConfig",
+    "RunningEmulator",
+    "add_cli_arguments",
+    "config_from_args",
+    "running_emulator",
+    "serve",
+]

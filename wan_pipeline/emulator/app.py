@@ -1,0 +1,330 @@
+"""The emulator's HTTP surface: the provider's two video endpoints, a CDN for the videos, and controls.
+
+API routes (Bearer auth, provider error bodies):
+  POST /v2/video/generations                    create; 200 {"id", "status": "queued", "meta": {...}}
+  GET  /v2/video/generations?generation_id=ID   poll; queued -> generating -> completed | error
+CDN and controls (no auth):
+  GET  /_emulator/videos/<id>.mp4?Expires=&Signature=   the signed video (403 expired/bad, 404 unknown)
+  GET  /_emulator/blob/<n_bytes>                n deterministic bytes, for download benchmarks
+  GET  /_emulator/stats  POST /_emulator/reset  POST /_emulator/faults (JSON of FaultConfig fields)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import random
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wan_pipeline.emulator.state import DownloadRefused, EmulatorState, UnknownGeneration
+from wan_pipeline.emulator.validation import BodyInvalid, parse_create_body, required_issue
+from wan_pipeline.models import usd_from_credits
+
+GENERATIONS_PATH = "/v2/video/generations"
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+SERVER_ERRORS = {
+    "500": "Internal server error",
+    "502": "Bad gateway",
+    "503": "Service unavailable",
+    "504": "Generation timeout",
+}
+UNAUTHORIZED = "This request requires a valid API key. Pass it as `Authorization: Bearer <key>`."
+STREAM_CHUNK = 1024 * 1024
+BLOB_SEED = 0x5EED
+
+# A callable that closes the client connection identified by its (host, port) without answering.
+ConnectionDropper = Callable[[tuple[str, int]], bool]
+
+
+def _timestamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def provider_error(
+    status: int, message: str, request: Request, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """The provider's error body. Its documented 429 example carries statusCode as a string: so do we."""
+    body = {
+        "message": message,
+        "path": request.url.path,
+        "requestId": str(uuid.uuid4()),
+        "statusCode": str(status) if status == 429 else status,
+        "timestamp": _timestamp(),
+        **extra,
+    }
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _cdn_error(status: int, code: str, message: str) -> Response:
+    # The video host is an object store (OSS-style XML errors), not the JSON API.
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message><RequestId>{uuid.uuid4()}</RequestId></Error>"
+    )
+    return Response(xml, status_code=status, media_type="application/xml")
+
+
+def _client_request_id(request: Request) -> str | None:
+    """A well-formed X-Client-Request-Id (1-128 chars of [A-Za-z0-9._:-]); others are ignored."""
+    value = request.headers.get("x-client-request-id")
+    return value if value and CLIENT_REQUEST_ID.fullmatch(value) else None
+
+
+def _echo_headers(request: Request) -> dict[str, str]:
+    client_request_id = _client_request_id(request)
+    return {"X-Client-Request-Id": client_request_id} if client_request_id else {}
+
+
+@functools.cache
+def _blob_pattern() -> bytes:
+    """1 MiB of seeded pseudo-random bytes, stored twice so that any window of up to 1 MiB is one slice."""
+    chunk = random.Random(BLOB_SEED).randbytes(STREAM_CHUNK)
+    return chunk + chunk
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}"
+
+
+class DroppedResponse:
+    """No answer at all: the connection is closed, then we wait for the server to notice."""
+
+    def __init__(self, drop: ConnectionDropper):
+        self.drop = drop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.drop(tuple(scope["client"])):
+            raise RuntimeError("could not find the client connection to drop")
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+def route_key(method: str, path: str) -> str | None:
+    """The stats bucket of a request: only the API and video routes are counted."""
+    if path == GENERATIONS_PATH and method in ("GET", "POST"):
+        return f"{method} {GENERATIONS_PATH}"
+    if path.startswith("/_emulator/videos/") and method == "GET":
+        return "GET /_emulator/videos"
+    return None
+
+
+class RequestCounter:
+    """ASGI middleware: counts each counted request under its response status.
+
+    The count is taken when the response starts, before the client can see it, so a client that
+    reads the stats right after an answer always finds that answer counted.
+    """
+
+    def __init__(self, app: ASGIApp, state: EmulatorState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        key = route_key(scope["method"], scope["path"]) if scope["type"] == "http" else None
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.state.count_request(key, str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(start, end) of a single `bytes=a-b` / `bytes=a-` / `bytes=-n` range, or None for the whole body."""
+    match = re.fullmatch(r"bytes=(\d*)-(\d*)", (header or "").strip())
+    if not match or match.groups() == ("", ""):
+        return None
+    first, last = match.groups()
+    if first:
+        return int(first), min(size, int(last) + 1) if last else size
+    return max(0, size - int(last)), size
+
+
+async def _paced(
+    read: Callable[[int, int], bytes], start: int, end: int, rate: float | None
+) -> AsyncIterator[bytes]:
+    """Yield bytes [start, end) in chunks, no faster than `rate` bytes per second when set."""
+    loop = asyncio.get_running_loop()
+    begun, sent = loop.time(), 0
+    step = STREAM_CHUNK if rate is None else max(1024, min(STREAM_CHUNK, int(rate / 20)))
+    for offset in range(start, end, step):
+        piece = read(offset, min(step, end - offset))
+        yield piece
+        sent += len(piece)
+        if rate is not None:
+            delay = begun + sent / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+
+def _bytes_response(
+    request: Request, size: int, read: Callable[[int, int], bytes], media_type: str, rate: float | None
+) -> Response:
+    """A streamed body with content-length, honouring a single Range like the provider's CDN."""
+    headers = {"Accept-Ranges": "bytes"}
+    span = _byte_range(request.headers.get("range"), size)
+    status, (start, end) = 200, (0, size)
+    if span is not None:
+        start, end = span
+        if start >= size or start >= end:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    return StreamingResponse(
+        _paced(read, start, end, rate), status_code=status, headers=headers, media_type=media_type
+    )
+
+
+def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starlette:
+    config = state.config
+
+    def authorized(request: Request) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return False
+        return config.api_key is None or _same_secret(token, config.api_key)
+
+    async def create_generation(request: Request) -> Response:
+        headers = _echo_headers(request)
+        if not authorized(request):
+            return provider_error(401, UNAUTHORIZED, request, headers)
+        # Rate limiting comes before body validation, upstream failures after it.
+        fault = state.create_fault()
+        if fault == "429":
+            retry_after = state.retry_after()
+            if retry_after is not None:
+                headers["Retry-After"] = _seconds(retry_after)
+            return provider_error(429, "Too Many Requests", request, headers)
+        try:
+            # Decoding and inspecting a (maybe 13 MB) data URI stays off the event loop.
+            parsed = await run_in_threadpool(parse_create_body, await request.body())
+        except BodyInvalid as exc:
+            return provider_error(400, "Body validation error!", request, headers, errors=exc.issues)
+        if fault in SERVER_ERRORS:
+            return provider_error(int(fault), SERVER_ERRORS[fault], request, headers)
+        generation = state.accept_create(parsed, _client_request_id(request), dropped=fault == "drop")
+        if fault == "drop":
+            # Counted here: no response will start, and the client must find it counted once cut off.
+            state.count_request(f"POST {GENERATIONS_PATH}", "dropped")
+            return DroppedResponse(drop_connection)
+        credits = generation.credits_used
+        headers |= {
+            "x-inference-id": generation.id,
+            "x-aimlapi-credits-used": str(credits),
+            "x-aimlapi-usd-spent": _seconds(usd_from_credits(credits)),
+        }
+        body = {"id": generation.id, "status": "queued", "meta": {"usage": {"credits_used": credits}}}
+        return JSONResponse(body, headers=headers)
+
+    async def get_generation(request: Request) -> Response:
+        headers = _echo_headers(request)
+        if not authorized(request):
+            return provider_error(401, UNAUTHORIZED, request, headers)
+        fault = state.get_fault()
+        if fault == "429":
+            return provider_error(429, "Too Many Requests", request, headers)
+        if fault in SERVER_ERRORS:
+            return provider_error(int(fault), SERVER_ERRORS[fault], request, headers)
+        generation_id = request.query_params.get("generation_id")
+        if not generation_id:
+            issues = [required_issue("generation_id", "string")]
+            return provider_error(400, "Query validation error!", request, headers, errors=issues)
+        try:
+            generation, status = state.poll(generation_id)
+        except UnknownGeneration:
+            return provider_error(404, f"Generation {generation_id} not found", request, headers)
+        body: dict[str, Any] = {"id": generation.id, "status": status}
+        if status == "completed":
+            body["video"] = {"url": state.video_url(generation, str(request.base_url).rstrip("/"))}
+        elif status == "error":
+            body["error"] = generation.error()
+        return JSONResponse(body, headers=headers | {"x-inference-id": generation.id})
+
+    async def download_video(request: Request) -> Response:
+        generation_id = request.path_params["name"].removesuffix(".mp4")
+        try:
+            recipe = state.authorize_download(
+                generation_id, request.query_params.get("Expires"), request.query_params.get("Signature")
+            )
+        except UnknownGeneration:
+            return _cdn_error(404, "NoSuchKey", "The specified key does not exist.")
+        except DownloadRefused as exc:
+            return _cdn_error(403, "AccessDenied", str(exc))
+        data = await asyncio.wrap_future(state.videos.fetch(recipe))
+        return _bytes_response(
+            request,
+            len(data),
+            lambda at, n: data[at : at + n],
+            "video/mp4",
+            state.faults.download_bytes_per_s,
+        )
+
+    async def blob(request: Request) -> Response:
+        pattern = _blob_pattern()  # byte i of the blob is pattern[i % STREAM_CHUNK]
+        return _bytes_response(
+            request,
+            request.path_params["n_bytes"],
+            lambda at, n: pattern[at % STREAM_CHUNK : at % STREAM_CHUNK + n],
+            "application/octet-stream",
+            state.faults.download_bytes_per_s,
+        )
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse(state.stats())
+
+    async def reset(request: Request) -> Response:
+        state.reset()
+        return JSONResponse({"reset": True})
+
+    async def update_faults(request: Request) -> Response:
+        try:
+            changes = await request.json()
+            if not isinstance(changes, dict):
+                raise ValueError("expected a JSON object of FaultConfig fields")
+            faults = state.update_faults(**changes)
+        except (ValueError, TypeError) as exc:
+            return provider_error(400, f"Invalid faults: {exc}", request)
+        return JSONResponse(asdict(faults))
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        return provider_error(exc.status_code, str(exc.detail), request, exc.headers)
+
+    routes = [
+        Route(GENERATIONS_PATH, create_generation, methods=["POST"]),
+        Route(GENERATIONS_PATH, get_generation, methods=["GET"]),
+        Route("/_emulator/videos/{name:str}", download_video, methods=["GET"]),
+        Route("/_emulator/blob/{n_bytes:int}", blob, methods=["GET"]),
+        Route("/_emulator/stats", stats, methods=["GET"]),
+        Route("/_emulator/reset", reset, methods=["POST"]),
+        Route("/_emulator/faults", update_faults, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(RequestCounter, state=state)],
+        exception_handlers={HTTPException: http_error},
+    )
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())

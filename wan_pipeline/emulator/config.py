@@ -1,0 +1,143 @@
+"""What the emulator is told to do: timing, auth, URL lifetime, frame size and injected faults.
+
+Both configs are frozen and validated on construction, so a bad rate fails at startup (or at
+`update_faults`) instead of producing a silently skewed fault mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+CREATE_FAULTS = ("429", "500", "502", "503", "504", "drop")
+GET_FAULTS = ("429", "500", "502", "503", "504")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Fault rates are probabilities per request; one seeded draw per request picks at most one fault."""
+
+    create_429_rate: float = 0.0
+    create_429_retry_after_rate: float = 0.0  # fraction of create 429s that carry Retry-After
+    retry_after_s: float = 1.0
+    create_500_rate: float = 0.0
+    create_502_rate: float = 0.0
+    create_503_rate: float = 0.0
+    create_504_rate: float = 0.0
+    # The create is accepted (generation exists, credits charged) but the connection is closed unanswered.
+    create_drop_rate: float = 0.0
+    get_429_rate: float = 0.0
+    get_500_rate: float = 0.0
+    get_502_rate: float = 0.0
+    get_503_rate: float = 0.0
+    get_504_rate: float = 0.0
+    error_rate: float = 0.0  # accepted generations that end in status `error`
+    download_bytes_per_s: float | None = None  # throttle for video and blob downloads; None = full speed
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "download_bytes_per_s":
+                if value is not None and not (_is_number(value) and value > 0):
+                    raise ValueError(f"download_bytes_per_s must be a positive number or None, got {value!r}")
+            elif f.name == "retry_after_s":
+                if not (_is_number(value) and value >= 0):
+                    raise ValueError(f"retry_after_s must be a number >= 0, got {value!r}")
+            elif not (_is_number(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{f.name} must be a number between 0 and 1, got {value!r}")
+        for endpoint, outcomes in (("create", self.create_faults()), ("get", self.get_faults())):
+            total = sum(rate for _, rate in outcomes)
+            if total > 1.0 + 1e-9:
+                raise ValueError(f"the {endpoint} fault rates add up to {total:g}; at most 1 is possible")
+
+    def create_faults(self) -> tuple[tuple[str, float], ...]:
+        return tuple((name, getattr(self, f"create_{name}_rate")) for name in CREATE_FAULTS)
+
+    def get_faults(self) -> tuple[tuple[str, float], ...]:
+        return tuple((name, getattr(self, f"get_{name}_rate")) for name in GET_FAULTS)
+
+    def updated(self, **changes: Any) -> FaultConfig:
+        """A copy with some fields changed; unknown names are an error, not ignored."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown fault fields {unknown}; known: {sorted(known)}")
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class EmulatorConfig:
+    latency_s: float = 3.0  # create -> completed
+    latency_jitter_s: float = 0.0  # uniform +/- jitter, seeded
+    queued_fraction: float = 0.2  # share of the latency spent `queued` before `generating`
+    # None accepts any Bearer key (the header is still required). Never shown in repr.
+    api_key: str | None = field(default=None, repr=False)
+    seed: int = 0  # seeds every random decision: faults, Retry-After, error outcomes, jitter
+    url_ttl_s: float = 3600.0  # lifetime of a signed video URL
+    # Benchmark mode: frames 72 px on the short side at 8 fps instead of the requested resolution at 30 fps.
+    small_frames: bool = False
+    cache_dir: str | Path | None = None  # optional on-disk cache of encodes (an in-memory LRU is always on)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        if self.latency_s < 0 or self.latency_jitter_s < 0:
+            raise ValueError("latency_s and latency_jitter_s must be >= 0")
+        if not 0.0 <= self.queued_fraction <= 1.0:
+            raise ValueError(f"queued_fraction must be between 0 and 1, got {self.queued_fraction!r}")
+        if self.url_ttl_s <= 0:
+            raise ValueError(f"url_ttl_s must be > 0, got {self.url_ttl_s!r}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be None (accept any key) or a non-empty string")
+
+
+# (flag, EmulatorConfig field, type, help) for the non-fault settings.
+_CONFIG_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--latency", "latency_s", float, "seconds from create to completed"),
+    ("--jitter", "latency_jitter_s", float, "uniform +/- jitter on the latency, seeded"),
+    ("--queued-fraction", "queued_fraction", float, "share of the latency spent in `queued`"),
+    ("--api-key", "api_key", str, "accept only this Bearer key (default: any key)"),
+    ("--seed", "seed", int, "seed for every random decision (faults, jitter)"),
+    ("--url-ttl", "url_ttl_s", float, "lifetime of signed video URLs in seconds"),
+    ("--cache-dir", "cache_dir", str, "directory for an on-disk cache of encoded videos"),
+)
+
+
+def _fault_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add --host, --port, the EmulatorConfig flags and one flag per FaultConfig field."""
+    defaults = EmulatorConfig()
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    for flag, name, kind, text in _CONFIG_FLAGS:
+        parser.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name), help=text)
+    parser.add_argument(
+        "--small-frames",
+        dest="small_frames",
+        action="store_true",
+        help="benchmark mode: tiny frames (72 px short side) at 8 fps, exact duration",
+    )
+    group = parser.add_argument_group("fault injection (rates are probabilities per request)")
+    for f in fields(FaultConfig):
+        group.add_argument(
+            _fault_flag(f.name),
+            dest=f.name,
+            type=float,
+            default=getattr(defaults.faults, f.name),
+            metavar="RATE" if f.name.endswith("_rate") else "N",
+        )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    faults = FaultConfig(**{f.name: getattr(args, f.name) for f in fields(FaultConfig)})
+    settings = {name: getattr(args, name) for _, name, _, _ in _CONFIG_FLAGS}
+    return EmulatorConfig(small_frames=bool(args.small_frames), faults=faults, **settings)

@@ -1,0 +1,260 @@
+"""The emulator's memory: generations, their clock-driven status, signed URLs, faults and counters.
+
+Every random decision comes from its own seeded stream (create faults, poll faults, Retry-After,
+generation outcomes and jitter), so each sequence is reproducible from the seed and the order of
+requests on that endpoint, however the other endpoints interleave. All access goes through one
+lock: the HTTP handlers run on the server's loop thread, `stats()` and `update_faults()` may be
+called from the test or benchmark thread.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import math
+import random
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from wan_pipeline.emulator.config import EmulatorConfig, FaultConfig
+from wan_pipeline.emulator.validation import CreateRequest
+from wan_pipeline.emulator.video import VideoFactory, VideoRecipe, recipe_for
+from wan_pipeline.models import CREDITS_PER_USD
+
+# The contract documents $0.1575/s at 1080p; the 720p price is undocumented: the emulator assumes $0.105/s.
+USD_PER_SECOND = {"1080p": 0.1575, "720p": 0.105}
+ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+ID_LENGTH = 21  # like the provider's ids, e.g. "V2cdWP9kao8xiofM-OvwG"
+
+
+def credits_for(resolution: str, duration: int) -> int:
+    return round(USD_PER_SECOND[resolution] * duration * CREDITS_PER_USD)
+
+
+def new_generation_id() -> str:
+    # Not seeded on purpose: ids must stay unique across emulator restarts, or a client's ledger
+    # could confuse a new generation with an old one.
+    return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
+
+
+class UnknownGeneration(LookupError):
+    pass
+
+
+class DownloadRefused(PermissionError):
+    """A video URL with a bad signature or past its expiry (the CDN answers 403)."""
+
+
+@dataclass
+class Generation:
+    id: str
+    body_hash: str
+    resolution: str
+    duration: int
+    recipe: VideoRecipe | None = field(repr=False)  # None when fated to fail
+    created_at: float
+    generating_at: float
+    completes_at: float
+    fails: bool
+    credits_used: int
+    client_request_id: str | None
+    response_dropped: bool
+    polls: int = 0
+    url_expires: int | None = None
+
+    def status(self, now: float) -> str:
+        """By wall clock alone; a video still encoding at completion is awaited by its download."""
+        if now < self.generating_at:
+            return "queued"
+        if now < self.completes_at:
+            return "generating"
+        return "error" if self.fails else "completed"
+
+    def error(self) -> dict[str, str]:
+        return {
+            "name": "GenerationError",
+            "message": "The model failed to generate a video (emulated failure).",
+        }
+
+
+def _pick(rng: random.Random, outcomes: Sequence[tuple[str, float]]) -> str | None:
+    """One draw per request, mapped onto the cumulative rates: at most one fault, stable order."""
+    draw, edge = rng.random(), 0.0
+    for name, rate in outcomes:
+        edge += rate
+        if draw < edge:
+            return name
+    return None
+
+
+class EmulatorState:
+    def __init__(self, config: EmulatorConfig):
+        self.config = config
+        self.faults = config.faults
+        self.videos = VideoFactory(config.cache_dir)
+        self._url_key = secrets.token_bytes(32)
+        self._lock = threading.Lock()
+        self.reset()
+
+    def close(self) -> None:
+        self.videos.close()
+
+    def reset(self) -> None:
+        """Forget generations and counters and restart every random stream from the seed."""
+        seed = self.config.seed
+        with self._lock:
+            self._generations: dict[str, Generation] = {}
+            self._requests: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+            self._creates_by_body: dict[str, int] = defaultdict(int)
+            self._media: dict[str, bytes] = {}  # image/audio content by identity
+            self._rng = {
+                name: random.Random(f"{seed}/{name}")
+                for name in ("create-faults", "get-faults", "retry-after", "outcomes", "jitter")
+            }
+
+    def update_faults(self, **changes: Any) -> FaultConfig:
+        with self._lock:
+            self.faults = self.faults.updated(**changes)
+            return self.faults
+
+    # -- decisions -------------------------------------------------------------------------------
+
+    def create_fault(self) -> str | None:
+        """The fault for one authenticated create: "429", "500", "502", "503", "504", "drop" or None."""
+        with self._lock:
+            return _pick(self._rng["create-faults"], self.faults.create_faults())
+
+    def get_fault(self) -> str | None:
+        with self._lock:
+            return _pick(self._rng["get-faults"], self.faults.get_faults())
+
+    def retry_after(self) -> float | None:
+        """Retry-After seconds for a create 429, or None when this 429 carries none."""
+        with self._lock:
+            if self._rng["retry-after"].random() < self.faults.create_429_retry_after_rate:
+                return self.faults.retry_after_s
+            return None
+
+    # -- generations -----------------------------------------------------------------------------
+
+    def accept_create(
+        self, request: CreateRequest, client_request_id: str | None, *, dropped: bool
+    ) -> Generation:
+        """Create a generation (credits charged) and start its encode unless it is fated to fail."""
+        now = time.time()
+        with self._lock:
+            fails = self._rng["outcomes"].random() < self.faults.error_rate
+            jitter = self.config.latency_jitter_s
+            latency = max(0.0, self.config.latency_s + self._rng["jitter"].uniform(-jitter, jitter))
+            recipe = None if fails else self._shared_media(recipe_for(request, self.config.small_frames))
+            generation = Generation(
+                id=new_generation_id(),
+                body_hash=request.body_sha256,
+                resolution=request.resolution,
+                duration=request.duration,
+                recipe=recipe,
+                created_at=now,
+                generating_at=now + latency * self.config.queued_fraction,
+                completes_at=now + latency,
+                fails=fails,
+                credits_used=credits_for(request.resolution, request.duration),
+                client_request_id=client_request_id,
+                response_dropped=dropped,
+            )
+            self._generations[generation.id] = generation
+            self._creates_by_body[request.body_sha256] += 1
+        if recipe is not None:
+            self.videos.prepare(recipe)  # encode now, so the video is ready by completion
+        return generation
+
+    def _shared_media(self, recipe: VideoRecipe) -> VideoRecipe:
+        # A generation keeps its recipe (to re-encode after a cache eviction); generations of the
+        # same image or audio share one buffer instead of one copy each.
+        image = self._media.setdefault(recipe.image_identity, recipe.image) if recipe.image else None
+        audio = (
+            self._media.setdefault(recipe.audio_identity, recipe.audio_data) if recipe.audio_data else None
+        )
+        return replace(recipe, image=image, audio_data=audio)
+
+    def poll(self, generation_id: str) -> tuple[Generation, str]:
+        """Count a successful poll; return the generation and its status now."""
+        with self._lock:
+            generation = self._find(generation_id)
+            generation.polls += 1
+            return generation, generation.status(time.time())
+
+    def video_url(self, generation: Generation, base_url: str) -> str:
+        """The current signed URL; a fresh one (later Expires) once the previous one has expired."""
+        now = time.time()
+        with self._lock:
+            if generation.url_expires is None or now >= generation.url_expires:
+                generation.url_expires = math.ceil(now + self.config.url_ttl_s)
+            expires = generation.url_expires
+        signature = self._sign(generation.id, expires)
+        return f"{base_url}/_emulator/videos/{generation.id}.mp4?Expires={expires}&Signature={signature}"
+
+    def authorize_download(
+        self, generation_id: str, expires: str | None, signature: str | None
+    ) -> VideoRecipe:
+        """The recipe behind a signed URL; UnknownGeneration (404) or DownloadRefused (403)."""
+        with self._lock:
+            generation = self._find(generation_id)
+            if generation.status(time.time()) != "completed" or generation.recipe is None:
+                raise UnknownGeneration(generation_id)
+        if not expires or not expires.isdigit() or not signature:
+            raise DownloadRefused("Expires and Signature are required")
+        if not hmac.compare_digest(signature, self._sign(generation_id, int(expires))):
+            raise DownloadRefused("The request signature does not match")
+        if time.time() >= int(expires):
+            raise DownloadRefused("Request has expired")
+        return generation.recipe
+
+    def _sign(self, generation_id: str, expires: int) -> str:
+        mac = hmac.new(self._url_key, f"{generation_id}:{expires}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    def _find(self, generation_id: str) -> Generation:
+        try:
+            return self._generations[generation_id]
+        except KeyError:
+            raise UnknownGeneration(generation_id) from None
+
+    # -- counters --------------------------------------------------------------------------------
+
+    def count_request(self, route: str, outcome: str) -> None:
+        with self._lock:
+            self._requests[route][outcome] += 1
+
+    def stats(self) -> dict[str, Any]:
+        now = time.time()
+        with self._lock:
+            generations = {
+                g.id: {
+                    "status": g.status(now),
+                    "created_at": g.created_at,
+                    "completes_at": g.completes_at,
+                    "body_hash": g.body_hash,
+                    "client_request_id": g.client_request_id,
+                    "polls": g.polls,
+                    "credits_used": g.credits_used,
+                    "resolution": g.resolution,
+                    "duration": g.duration,
+                    "response_dropped": g.response_dropped,
+                }
+                for g in self._generations.values()
+            }
+            return {
+                "requests": {route: dict(counts) for route, counts in self._requests.items()},
+                "creates_by_body_hash": dict(self._creates_by_body),
+                "generations": generations,
+                "accepted_creates": len(generations),
+                "credits_used": sum(g["credits_used"] for g in generations.values()),
+                "encodes": self.videos.encodes,
+                "faults": asdict(self.faults),
+            }

@@ -1,0 +1,282 @@
+"""Describe downloaded videos: probe them (PyAV), check them against their request, draw previews (Pillow).
+
+Videos are read through universal-pathlib, so a local path and any fsspec URL work alike. A video is
+only trusted once its first and its last frames decode: an mp4 whose index sits at the front
+("faststart") still opens and reports its full duration when its tail is missing, so header data
+alone cannot tell a complete download from a truncated one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import av
+import av.error
+from av.container import InputContainer
+from av.packet import Packet
+from av.video.frame import VideoFrame
+from av.video.stream import VideoStream
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from upath import UPath
+
+VideoPath = str | os.PathLike[str] | UPath
+
+TAIL_SECONDS = 1.0  # how far before the end the decode check starts reading
+TILE_MARGIN = 4  # px around a contact-sheet frame
+LABEL_HEIGHT = 18  # px of label strip under each contact-sheet frame
+MAX_TILE_ASPECT = 16 / 9  # a frame area is at most this many times taller than wide (portrait 9:16)
+SHEET_BACKGROUND = (24, 24, 24)
+PLACEHOLDER_FILL = (90, 90, 90)
+LABEL_COLOUR = (235, 235, 235)
+
+
+class MediaDecodeError(ValueError):
+    """A file that is not a usable video: not an mp4, truncated, or undecodable. The message names the file."""
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    width: int
+    height: int
+    duration_s: float
+    fps: float | None
+    codec: str
+    has_audio: bool
+    audio_codec: str | None
+    frame_count: int | None
+    tags: dict[str, str] = field(default_factory=dict)  # container metadata (encoder, comment...)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _open_video(path: VideoPath) -> Iterator[tuple[InputContainer, VideoStream]]:
+    """Open `path` (local or fsspec) and its first video stream; FFmpeg errors become MediaDecodeError.
+
+    A missing file raises the usual FileNotFoundError: that is not a decoding problem.
+    """
+    name = str(path)
+    with UPath(path).open("rb") as handle:
+        try:
+            # metadata_errors="replace": a badly encoded tag must not make the whole file unreadable.
+            with av.open(handle, mode="r", metadata_errors="replace") as container:
+                if not container.streams.video:
+                    raise MediaDecodeError(f"{name}: no video stream")
+                yield container, container.streams.video[0]
+        except av.error.FFmpegError as exc:
+            raise MediaDecodeError(f"{name}: not a decodable video ({exc.strerror or exc})") from exc
+
+
+def _duration_s(container: InputContainer, video: VideoStream, name: str) -> float:
+    # The video stream's own duration is what a viewer sees; the container's also covers audio padding.
+    if video.duration and video.time_base:
+        return float(video.duration * video.time_base)
+    if container.duration:
+        return container.duration / av.time_base
+    raise MediaDecodeError(f"{name}: the container declares no duration")
+
+
+def _start_s(item: VideoFrame | Packet, video: VideoStream) -> float:
+    """Presentation time of a frame or packet, counted from the start of the stream."""
+    return float(((item.pts or 0) - (video.start_time or 0)) * item.time_base)
+
+
+def _frame_length_s(frame: VideoFrame, fps: float | None) -> float:
+    if frame.duration and frame.time_base:
+        return float(frame.duration * frame.time_base)
+    return 1 / fps if fps else 0.0
+
+
+def _seek_s(container: InputContainer, video: VideoStream, seconds: float) -> None:
+    """Seek to the keyframe at or before `seconds` (counted from the start of the stream)."""
+    offset = (video.start_time or 0) + int(seconds / video.time_base)
+    container.seek(offset, stream=video, backward=True)
+
+
+def _check_decodes_to_end(
+    container: InputContainer, video: VideoStream, duration_s: float, fps: float | None, name: str
+) -> None:
+    """Decode the first frame and every frame of the last `TAIL_SECONDS`; the last must reach the end."""
+    if next(container.decode(video), None) is None:
+        raise MediaDecodeError(f"{name}: no decodable video frame")
+    _seek_s(container, video, max(0.0, duration_s - TAIL_SECONDS))
+    last: VideoFrame | None = None
+    for packet in container.demux(video):
+        # The demuxer flags a sample cut short by the end of the file; some decoders still output a frame.
+        if packet.is_corrupt:
+            raise MediaDecodeError(
+                f"{name}: truncated (incomplete video packet at {_start_s(packet, video):.3f} s)"
+            )
+        for frame in packet.decode():
+            last = frame
+    if last is None:
+        raise MediaDecodeError(f"{name}: truncated (no frame decodes in the last {TAIL_SECONDS:g} s)")
+    length = _frame_length_s(last, fps)
+    reached = _start_s(last, video) + length
+    # A complete file reaches its declared duration exactly; allow half a frame of rounding.
+    if reached < duration_s - max(length / 2, 1e-3):
+        raise MediaDecodeError(f"{name}: truncated (frames end at {reached:.3f} s of {duration_s:.3f} s)")
+
+
+def probe_video(path: VideoPath, *, decode_check: bool = True) -> VideoProbe:
+    """Size, duration, frame rate, codecs and tags of a video; with `decode_check`, prove it decodes to the end."""
+    name = str(path)
+    with _open_video(path) as (container, video):
+        duration_s = _duration_s(container, video, name)
+        fps = float(video.average_rate) if video.average_rate else None
+        audio = container.streams.audio[0] if container.streams.audio else None
+        probe = VideoProbe(
+            width=video.width,
+            height=video.height,
+            duration_s=duration_s,
+            fps=fps,
+            codec=video.codec_context.name,
+            has_audio=audio is not None,
+            audio_codec=audio.codec_context.name if audio is not None else None,
+            frame_count=video.frames or None,
+            tags={str(key): str(value) for key, value in container.metadata.items()},
+        )
+        if decode_check:
+            _check_decodes_to_end(container, video, duration_s, fps, name)
+    return probe
+
+
+def short_side_px(resolution: str) -> int:
+    """'720p' -> 720: the contract defines a resolution by the short side of the frame."""
+    match = re.fullmatch(r"(\d+)p", resolution.strip().lower())
+    if not match:
+        raise ValueError(f"resolution {resolution!r} is not of the form '<short side>p', e.g. '720p'")
+    return int(match.group(1))
+
+
+def matches_request(
+    probe: VideoProbe, *, resolution: str, duration_s: int, expect_audio: bool, tolerance_s: float = 0.1
+) -> list[str]:
+    """Human-readable differences between a probed video and what was requested; [] when it matches."""
+    problems = []
+    expected_side, actual_side = short_side_px(resolution), min(probe.width, probe.height)
+    if actual_side != expected_side:
+        problems.append(
+            f"resolution: expected {resolution} (short side {expected_side} px), "
+            f"got {probe.width}x{probe.height} (short side {actual_side} px)"
+        )
+    if abs(probe.duration_s - duration_s) > tolerance_s:
+        problems.append(
+            f"duration: expected {duration_s} s ± {tolerance_s:g} s, got {probe.duration_s:.3f} s"
+        )
+    if expect_audio and not probe.has_audio:
+        problems.append("audio: expected an audio track, the video has none")
+    if not expect_audio and probe.has_audio:
+        problems.append(f"audio: expected no audio track, the video has one ({probe.audio_codec})")
+    return problems
+
+
+def extract_frame(path: VideoPath, at_s: float | None = None) -> Image.Image:
+    """The frame shown at `at_s` seconds (default: the middle of the video), as an RGB image."""
+    name = str(path)
+    with _open_video(path) as (container, video):
+        duration_s = _duration_s(container, video, name)
+        target = duration_s / 2 if at_s is None else at_s
+        if not 0 <= target <= duration_s:
+            raise ValueError(f"{name}: at_s={target} is outside the video (0-{duration_s:.3f} s)")
+        _seek_s(container, video, target)
+        shown: VideoFrame | None = None
+        # Decoding restarts at the previous keyframe: walk forward to the frame on screen at `target`.
+        for frame in container.decode(video):
+            if shown is not None and _start_s(frame, video) > target:
+                break
+            shown = frame
+        if shown is None:
+            raise MediaDecodeError(f"{name}: no frame decodes at {target:.3f} s")
+        return shown.to_image()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def thumbnail_png(path: VideoPath, *, width: int = 320) -> bytes:
+    """PNG of the middle frame scaled to `width` px wide (aspect kept)."""
+    frame = extract_frame(path)
+    height = max(1, round(width * frame.height / frame.width))
+    return _png(frame.resize((width, height), Image.Resampling.LANCZOS))
+
+
+def _fit_label(draw: ImageDraw.ImageDraw, text: str, font: Any, max_width: int) -> str:
+    """`text`, cut with an ellipsis so it fits in `max_width` px."""
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > max_width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _tile_frame(path: VideoPath) -> Image.Image | None:
+    """The representative frame of one sheet entry, or None when it cannot be read (drawn as a placeholder)."""
+    try:
+        return extract_frame(path)
+    except (MediaDecodeError, OSError):
+        return None
+
+
+def contact_sheet(
+    items: Sequence[tuple[VideoPath, str]], *, columns: int = 4, tile_width: int = 320
+) -> bytes:
+    """PNG grid with one labelled tile per (video, label); an unreadable video gets a placeholder tile.
+
+    Every tile is `tile_width` px wide. Its frame area is as tall as the tallest frame scaled to the
+    tile (portrait at most 9:16); shorter frames are centred in it. The label sits in a strip below.
+    """
+    if not items:
+        raise ValueError("a contact sheet needs at least one video")
+    if columns < 1 or tile_width <= 2 * TILE_MARGIN:
+        raise ValueError(f"columns must be >= 1 and tile_width > {2 * TILE_MARGIN} px")
+    frames = [_tile_frame(path) for path, _ in items]
+    inner_width = tile_width - 2 * TILE_MARGIN
+    heights = [
+        min(round(inner_width * f.height / f.width), round(inner_width * MAX_TILE_ASPECT))
+        for f in frames
+        if f
+    ]
+    frame_height = max(heights, default=round(inner_width * 9 / 16))
+    tile_height = TILE_MARGIN + frame_height + LABEL_HEIGHT
+    used_columns = min(columns, len(items))
+    rows = math.ceil(len(items) / used_columns)
+    sheet = Image.new("RGB", (used_columns * tile_width, rows * tile_height), SHEET_BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for index, ((_, label), frame) in enumerate(zip(items, frames, strict=True)):
+        left = (index % used_columns) * tile_width + TILE_MARGIN
+        top = (index // used_columns) * tile_height + TILE_MARGIN
+        if frame is None:
+            draw.rectangle((left, top, left + inner_width - 1, top + frame_height - 1), fill=PLACEHOLDER_FILL)
+            draw.text(
+                (left + inner_width / 2, top + frame_height / 2),
+                "cannot decode",
+                fill=LABEL_COLOUR,
+                font=font,
+                anchor="mm",
+            )
+        else:
+            fitted = ImageOps.contain(frame, (inner_width, frame_height), Image.Resampling.LANCZOS)
+            sheet.paste(
+                fitted, (left + (inner_width - fitted.width) // 2, top + (frame_height - fitted.height) // 2)
+            )
+        draw.text(
+            (left, top + frame_height + LABEL_HEIGHT / 2),
+            _fit_label(draw, label, font, inner_width),
+            fill=LABEL_COLOUR,
+            font=font,
+            anchor="lm",
+        )
+    return _png(sheet)

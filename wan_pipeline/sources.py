@@ -1,0 +1,167 @@
+"""Source media (images and audio): read, identify by content, check against a model's limits.
+
+A reference is a local path, any fsspec URL (`s3://`, `memory://`, `file://`...), an http(s) URL or a
+`data:` URI. http(s) URLs are passed to the provider unchanged (the provider fetches them); every
+other reference is read here, its type detected from the bytes (never the extension), and sent as a
+data URI. Local paths must resolve inside an allowed root so a catalog cannot upload arbitrary files.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from wan_pipeline.models import ModelSpec
+
+IMAGE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "BMP": "image/bmp", "WEBP": "image/webp"}
+AUDIO_MIME = {"wav": "audio/wav", "mp3": "audio/mpeg"}
+
+
+class MediaError(ValueError):
+    """A media reference that cannot be used: unreadable, wrong type, wrong size."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    kind: str  # "image" | "audio"
+    format: str  # "PNG", "JPEG"... for images; "wav" | "mp3" for audio
+    mime: str
+    size_bytes: int
+    sha256: str
+    width: int | None = None
+    height: int | None = None
+    duration_s: float | None = None
+
+
+def is_http_url(ref: str) -> bool:
+    return ref.startswith(("http://", "https://"))
+
+
+def is_data_uri(ref: str) -> bool:
+    return ref.startswith("data:")
+
+
+def has_scheme(ref: str) -> bool:
+    return "://" in ref
+
+
+def resolve_local_path(ref: str, base_dir: Path | None, allowed_roots: Sequence[Path]) -> Path:
+    """Resolve a local path (relative to `base_dir`) and refuse anything outside `allowed_roots`."""
+    path = Path(ref).expanduser()
+    if not path.is_absolute():
+        path = (base_dir or Path.cwd()) / path
+    resolved = path.resolve()
+    roots = [Path(r).resolve() for r in allowed_roots]
+    if roots and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        raise MediaError(f"{ref!r} resolves to {resolved}, outside the allowed roots {[str(r) for r in roots]}")
+    return resolved
+
+
+def read_bytes(ref: str, *, base_dir: Path | None = None, allowed_roots: Sequence[Path] = ()) -> bytes:
+    """Read a local path, fsspec URL or data URI. http(s) URLs are not read here (see module doc)."""
+    if is_data_uri(ref):
+        try:
+            _, payload = ref.split(",", 1)
+            return base64.b64decode(payload, validate=True)
+        except (ValueError, binascii.Error) as exc:
+            raise MediaError(f"malformed data URI: {exc}") from None
+    if is_http_url(ref):
+        raise MediaError(f"{ref!r} is an http(s) URL: the provider fetches it, it is not read locally")
+    try:
+        if has_scheme(ref) and not ref.startswith("file://"):
+            with fsspec.open(ref, "rb") as handle:
+                return handle.read()
+        local = ref.removeprefix("file://")
+        return resolve_local_path(local, base_dir, allowed_roots).read_bytes()
+    except MediaError:
+        raise
+    except (OSError, ValueError, ImportError) as exc:
+        raise MediaError(f"cannot read {ref!r}: {exc.__class__.__name__}: {exc}") from None
+
+
+def inspect_image(data: bytes, spec: ModelSpec) -> MediaInfo:
+    """Identify an image by its content and check it against the model's limits."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > spec.image_max_bytes:
+        raise MediaError(f"image is {len(data)} bytes, allowed at most {spec.image_max_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+    except (UnidentifiedImageError, OSError) as exc:
+        # Pillow's "cannot identify" message names the BytesIO object (a memory address): useless and unstable.
+        reason = "unrecognised format" if isinstance(exc, UnidentifiedImageError) else exc
+        raise MediaError(f"not a readable image ({reason}); allowed: {', '.join(spec.image_formats)}") from None
+    if fmt not in spec.image_formats:
+        raise MediaError(f"image format {fmt}, allowed: {', '.join(spec.image_formats)}")
+    low, high = spec.image_min_side, spec.image_max_side
+    if not (low <= width <= high and low <= height <= high):
+        raise MediaError(f"image is {width}x{height} px, allowed: each side {low}-{high} px")
+    return MediaInfo("image", fmt, IMAGE_MIME[fmt], len(data), sha256_hex(data), width=width, height=height)
+
+
+def detect_audio_format(data: bytes) -> str | None:
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0):
+        return "mp3"
+    return None
+
+
+def inspect_audio(data: bytes, spec: ModelSpec) -> MediaInfo:
+    """Identify audio by its content (wav/mp3), measure its duration with PyAV, check the limits."""
+    import av
+
+    if len(data) > spec.audio_max_bytes:
+        raise MediaError(f"audio is {len(data)} bytes, allowed at most {spec.audio_max_bytes} bytes")
+    fmt = detect_audio_format(data)
+    if fmt is None or fmt not in spec.audio_formats:
+        raise MediaError(f"not a recognised audio file; allowed: {', '.join(spec.audio_formats)}")
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            duration = (container.duration or 0) / 1_000_000
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise MediaError(f"unreadable {fmt} audio: {exc}") from None
+    low, high = spec.audio_min_seconds, spec.audio_max_seconds
+    if not low <= duration <= high:
+        raise MediaError(f"audio lasts {duration:.2f} s, allowed: {low:g}-{high:g} s")
+    return MediaInfo("audio", fmt, AUDIO_MIME[fmt], len(data), sha256_hex(data), duration_s=duration)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def to_data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def load_media(
+    ref: str,
+    kind: str,
+    spec: ModelSpec,
+    *,
+    base_dir: Path | None = None,
+    allowed_roots: Sequence[Path] = (),
+) -> tuple[bytes, MediaInfo]:
+    """Read and inspect one reference (not http(s)); `kind` is "image" or "audio"."""
+    data = read_bytes(ref, base_dir=base_dir, allowed_roots=allowed_roots)
+    info = inspect_image(data, spec) if kind == "image" else inspect_audio(data, spec)
+    return data, info
+
+
+def wire_reference(
+    ref: str, kind: str, spec: ModelSpec, *, base_dir: Path | None = None, allowed_roots: Sequence[Path] = ()
+) -> str:
+    """What goes into the create body for a reference: http(s) unchanged, anything else a data URI."""
+    if is_http_url(ref):
+        return ref
+    data, info = load_media(ref, kind, spec, base_dir=base_dir, allowed_roots=allowed_roots)
+    return to_data_uri(data, info.mime)
