@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
+from conftest import EMULATOR_API_KEY
 
 from wan_pipeline.definitions import build_definitions
 from wan_pipeline.ledger import Ledger
@@ -59,7 +60,11 @@ class Project:
     def tick(self, sensor_name: str, cursor: str | None = None) -> dg.SensorResult:
         sensor = self.defs.resolve_sensor_def(sensor_name)
         context = dg.build_sensor_context(
-            instance=self.instance, cursor=cursor, definitions=self.defs, sensor_name=sensor_name
+            instance=self.instance,
+            cursor=cursor,
+            definitions=self.defs,
+            sensor_name=sensor_name,
+            resources=self.defs.resources,
         )
         return sensor(context)
 
@@ -70,7 +75,7 @@ def make_project(tmp_path: Path, emulator, monkeypatch, instance: dg.DagsterInst
     images = tmp_path / "data" / "images"
     shutil.copytree(SAMPLE_IMAGES, images)
     env = {
-        "AIMLAPI_API_KEY": "test-key-never-logged",
+        "AIMLAPI_API_KEY": EMULATOR_API_KEY,
         "AIMLAPI_BASE_URL": emulator.base_url,
         "WAN_PIPELINE_CATALOG_DIR": str(catalog_dir),
         "WAN_PIPELINE_OUTPUT": str(tmp_path / "outputs"),

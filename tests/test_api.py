@@ -241,7 +241,7 @@ def test_request_error_classification(error: httpx.RequestError, never_sent: boo
     assert request_error_is_transient(error) is transient
 
 
-def simulate_polls(schedule: PollSchedule, expected_s: float, actual_s: float) -> tuple[int, float]:
+def simulate_polls(schedule: PollSchedule, expected_s: float | None, actual_s: float) -> tuple[int, float]:
     """Polls made and detection lag for a generation that completes at `actual_s`."""
     elapsed, polls = 0.0, 0
     while True:
@@ -273,6 +273,16 @@ def test_poll_schedule_first_poll_near_expected_then_capped_backoff() -> None:
     assert schedule.next_delay(200.0, 1, 172.0) == pytest.approx(20.0)
     assert schedule.next_delay(5000.0, 7, 172.0) == 60.0
     assert schedule.next_delay(3.0, 1, 2.0) == 1.0
+
+
+@given(actual=st.floats(1, 3000))
+def test_with_nothing_learned_yet_polls_probe_fast_then_double(actual: float) -> None:
+    """An unmeasured provider: a 5 s server is seen at 5 s, a slow one costs a bounded handful of polls."""
+    schedule = PollSchedule(min_interval_s=1.0, max_interval_s=60.0)
+    polls, lag = simulate_polls(schedule, None, actual)
+    assert schedule.next_delay(0.0, 0, None) == schedule.probe_first_s
+    assert lag <= max(actual, schedule.probe_first_s, 0) and lag <= schedule.max_interval_s
+    assert polls <= 5 + max(0.0, actual - 80) / 60 + 1
 
 
 # --------------------------------------------------------------------------------------------

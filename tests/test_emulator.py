@@ -419,17 +419,17 @@ def test_videos_are_real_h264_at_the_requested_size_and_duration(emulator_client
     assert tall["size"] == (1080, 1920) and tall["frames"] == 150 and tall["audio"] == []
 
 
-def test_small_frames_mode_keeps_exact_duration_and_uses_supplied_audio(emulator_client):
+def test_small_frames_mode_keeps_the_requested_size_and_exact_duration_with_supplied_audio(emulator_client):
     _, client = emulator_client
     with_audio = client.post(
         PATH, json=body(audio_url=wav_uri(4.0), generate_audio=False, duration=10)
     ).json()["id"]
     remote = client.post(PATH, json=body(image_url="https://example.com/mona_lisa.jpg")).json()["id"]
     supplied = probe(httpx.get(wait_terminal(client, with_audio)["video"]["url"]).content)
-    assert supplied["size"] == (128, 72) and supplied["frames"] == 80  # 8 fps x 10 s
-    assert supplied["duration"] == pytest.approx(10.0, abs=1 / 8) and supplied["audio"] == ["aac"]
+    assert supplied["size"] == (1920, 1080) and supplied["frames"] == 20  # 2 fps x 10 s, requested size
+    assert supplied["duration"] == pytest.approx(10.0, abs=1 / 2) and supplied["audio"] == ["aac"]
     placeholder = probe(httpx.get(wait_terminal(client, remote)["video"]["url"]).content)
-    assert placeholder["size"] == (128, 72) and placeholder["audio"] == ["aac"]
+    assert placeholder["size"] == (1920, 1080) and placeholder["audio"] == ["aac"]
 
 
 def test_equal_requests_share_one_encode_which_survives_on_disk(tmp_path):

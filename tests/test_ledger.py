@@ -464,3 +464,34 @@ def test_postgres_ledger_repr_hides_the_password(tmp_path: Path) -> None:
         ledger.plan("s", [planned(key(1))])
         assert "s3cret-pw" not in repr(ledger)
         ledger.close()
+
+
+def test_replanning_a_set_retires_keys_its_catalog_dropped_but_keeps_their_history(ledger: Ledger) -> None:
+    ledger.plan("s", [planned(key(1)), planned(key(2))])
+    ledger.plan("s", [planned(key(2)), planned(key(3))])  # the prompt of key 1 was edited into key 3
+
+    assert [r.request_key for r in ledger.rows("s")] == [key(2), key(3)]
+    assert ledger.summary("s").total == 2
+    assert ledger.row(key(1)) is not None  # bought history stays in the ledger
+    ledger.plan("s", [planned(key(1)), planned(key(2)), planned(key(3))])  # edited back: reinstated
+    assert {r.request_key for r in ledger.rows("s")} == {key(1), key(2), key(3)}
+
+
+def test_observed_processing_time_is_learned_per_request_shape(ledger: Ledger, clock: Clock) -> None:
+    def shaped(n: int, resolution: str) -> PlannedRequest:
+        request = {"prompt": f"p{n}", "resolution": resolution, "duration": 5}
+        return PlannedRequest(key(n), "alibaba/wan-2-6-i2v", request, 0.5, None)
+
+    ledger.plan("s", [shaped(n, "720p") for n in range(4)] + [shaped(9, "1080p")])
+    for n, seconds in [(0, 40), (1, 60), (9, 500)]:
+        drive(ledger, key(n), State.SUBMITTED)
+        clock.advance(seconds)
+        poll(ledger, key(n), "completed")
+    # Two observations are not enough to trust: the poll schedule keeps probing.
+    assert ledger.observed_processing_seconds("alibaba/wan-2-6-i2v", "720p", 5) is None
+    drive(ledger, key(2), State.SUBMITTED)
+    clock.advance(50)
+    poll(ledger, key(2), "completed")
+    # The median of 40, 50 and 60 s; the 1080p generation is another shape and does not count.
+    assert ledger.observed_processing_seconds("alibaba/wan-2-6-i2v", "720p", 5) == 50
+    assert ledger.observed_processing_seconds("alibaba/wan-2-6-i2v", "720p", 10) is None

@@ -96,15 +96,24 @@ class PollSchedule:
     generation that finishes on time costs one or two polls. Past that point the interval is a
     fixed fraction of the elapsed time (`lag_fraction`): the detection lag stays under ~10% of the
     processing time while the interval grows geometrically, bounded by the min/max intervals.
+
+    With no expectation at all (`expected_s=None`: a provider whose speed nothing has measured yet),
+    it probes: first after `probe_first_s`, then doubling the elapsed time, so a fast server is seen
+    fast and a slow one costs a handful of polls until the ledger has learned its processing time.
     """
 
     min_interval_s: float = 1.0
     max_interval_s: float = 60.0
     first_poll_fraction: float = 0.95
     lag_fraction: float = 0.1
+    probe_first_s: float = 5.0
 
-    def next_delay(self, elapsed_s: float, polls_so_far: int, expected_s: float) -> float:
+    def next_delay(self, elapsed_s: float, polls_so_far: int, expected_s: float | None) -> float:
         """Seconds from now until the next poll; `elapsed_s` counts from the submit (or the wait's start)."""
+        if expected_s is None:
+            if polls_so_far == 0:
+                return max(self.probe_first_s - elapsed_s, 0.0)
+            return min(max(elapsed_s, self.min_interval_s), self.max_interval_s)
         first_poll_at = self.first_poll_fraction * expected_s
         floor = self.min_interval_s if polls_so_far else 0.0
         if elapsed_s < first_poll_at:

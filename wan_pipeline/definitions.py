@@ -6,7 +6,12 @@ import os
 
 import dagster as dg
 
-from wan_pipeline.defs.assets import downloaded_videos, generation_requests, generation_results, submitted_generations
+from wan_pipeline.defs.assets import (
+    downloaded_videos,
+    generation_requests,
+    generation_results,
+    submitted_generations,
+)
 from wan_pipeline.defs.checks import no_failed_generations, videos_match_requests
 from wan_pipeline.defs.io import ParquetIOManager
 from wan_pipeline.defs.jobs import collect_job, submit_job

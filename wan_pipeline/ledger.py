@@ -150,6 +150,9 @@ set_members = sa.Table(
     sa.Column("prompt_set", sa.String(128), primary_key=True),
     sa.Column("request_key", sa.String(64), sa.ForeignKey(generations.c.request_key), primary_key=True),
     sa.Column("added_at", UtcDateTime(), nullable=False),
+    # Set when the set's catalog no longer asks for the key: the row and its history stay, but the
+    # set's summaries, sensors and collection see only what the current catalog asks for.
+    sa.Column("retired_at", UtcDateTime()),
     sa.Index("ix_wan_prompt_set_members_request_key", "request_key"),
 )
 
@@ -380,7 +383,7 @@ class Ledger:
     # -- planning --------------------------------------------------------------------------------
 
     def plan(self, prompt_set: str, planned: Iterable[PlannedRequest]) -> PlanResult:
-        """Record the requests of a set: new keys as planned, every key as a member of the set."""
+        """Record the requests of a set: new keys as planned, exactly these keys as its current members."""
         unique: dict[str, PlannedRequest] = {}
         for item in planned:
             unique.setdefault(item.request_key, item)
@@ -411,6 +414,13 @@ class Ledger:
                     {"prompt_set": prompt_set, "request_key": p.request_key, "added_at": now} for p in chunk
                 ]
                 conn.execute(_insert_ignoring_conflicts(conn, set_members).values(members))
+            # The plan is the whole set: retire every member, then reinstate the planned keys.
+            in_set = set_members.c.prompt_set == prompt_set
+            conn.execute(set_members.update().where(in_set, set_members.c.retired_at.is_(None)).values(retired_at=now))
+            for chunk in _chunks([p.request_key for p in items]):
+                conn.execute(
+                    set_members.update().where(in_set, set_members.c.request_key.in_(chunk)).values(retired_at=None)
+                )
             known = self._states(conn, [p.request_key for p in items if p.request_key not in inserted])
         return PlanResult(new=[p.request_key for p in items if p.request_key in inserted], known=known)
 
@@ -693,7 +703,7 @@ class Ledger:
         )
 
     def summary(self, prompt_set: str) -> SetSummary:
-        in_set = set_members.c.prompt_set == prompt_set
+        in_set = sa.and_(set_members.c.prompt_set == prompt_set, set_members.c.retired_at.is_(None))
         joined = generations.join(set_members, set_members.c.request_key == generations.c.request_key)
         totals = (
             sa.select(
@@ -728,6 +738,35 @@ class Ledger:
             in_doubt=in_doubt_keys,
         )
 
+    def observed_processing_seconds(
+        self, model: str, resolution: str, duration: int, *, sample: int = 200, minimum: int = 3
+    ) -> float | None:
+        """Median submit-to-completion time of recent completed generations of this shape.
+
+        None until at least `minimum` have been seen: the poll schedule then probes instead of guessing.
+        """
+        query = (
+            sa.select(generations.c.request_json, generations.c.submitted_at, generations.c.completed_at)
+            .where(
+                generations.c.model == model,
+                generations.c.state == State.COMPLETED.value,
+                generations.c.submitted_at.is_not(None),
+                generations.c.completed_at.is_not(None),
+            )
+            .order_by(generations.c.completed_at.desc())
+            .limit(sample)
+        )
+        with self._reading() as conn:
+            found = conn.execute(query).all()
+        seconds = sorted(
+            (completed - submitted).total_seconds()
+            for request, submitted, completed in found
+            if request.get("resolution") == resolution and request.get("duration") == duration
+        )
+        if len(seconds) < minimum:
+            return None
+        return seconds[len(seconds) // 2]
+
     def prompt_sets(self) -> list[str]:
         with self._reading() as conn:
             query = sa.select(set_members.c.prompt_set).distinct().order_by(set_members.c.prompt_set)
@@ -745,7 +784,7 @@ class Ledger:
         query = sa.select(generations).where(*conditions).order_by(*order_by).limit(limit)
         if prompt_set is not None:
             query = query.join(set_members, set_members.c.request_key == generations.c.request_key).where(
-                set_members.c.prompt_set == prompt_set
+                set_members.c.prompt_set == prompt_set, set_members.c.retired_at.is_(None)
             )
         with self._reading() as conn:
             found = conn.execute(query).mappings().all()

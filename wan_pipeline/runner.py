@@ -184,7 +184,11 @@ class PipelineRunner:
 
     def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
         context = dg.build_sensor_context(
-            instance=self.instance, cursor=cursor, definitions=self.defs, sensor_name=self.completion_sensor.name
+            instance=self.instance,
+            cursor=cursor,
+            definitions=self.defs,
+            sensor_name=self.completion_sensor.name,
+            resources=self.defs.resources,
         )
         result = self.completion_sensor(context)
         return result.cursor, list(result.run_requests or [])

@@ -98,6 +98,22 @@ class SubmissionReport:
         return cls(plan=plan, reused=len(plan.reused), in_doubt=list(plan.in_doubt), dry_run=dry_run)
 
 
+def learned_expectation(ledger: Ledger, override_s: float | None) -> Callable[[VideoRequest], float | None]:
+    """Expected processing time per request shape: the configured override, else what the ledger has
+    observed for that model, resolution and duration, else None (the poll schedule then probes)."""
+    if override_s is not None:
+        return lambda request: override_s
+    learned: dict[tuple[str, str, int], float | None] = {}
+
+    def expected(request: VideoRequest) -> float | None:
+        shape = (request.model, request.resolution, request.duration)
+        if shape not in learned:
+            learned[shape] = ledger.observed_processing_seconds(*shape)
+        return learned[shape]
+
+    return expected
+
+
 def planned_request(request: CatalogRequestLike) -> PlannedRequest:
     video = request.request
     return PlannedRequest(
@@ -105,7 +121,7 @@ def planned_request(request: CatalogRequestLike) -> PlannedRequest:
         model=video.model,
         request_json=request.provenance_request(),
         estimated_usd=request.estimated_usd,
-        expected_seconds=video.spec.expected_processing_seconds(video.resolution, video.duration),
+        expected_seconds=None,  # set at submit time, from what the ledger has observed
     )
 
 
@@ -185,7 +201,7 @@ async def submit_planned(
     plan: SubmissionPlan,
     *,
     max_concurrency: int,
-    expected_seconds_fn: Callable[[VideoRequest], float] | None = None,
+    expected_seconds_fn: Callable[[VideoRequest], float | None] | None = None,
     now_fn: Callable[[], datetime] = utcnow,
 ) -> SubmissionReport:
     """Create the plan's requests, at most `max_concurrency` at once, each claimed write-ahead.
@@ -200,7 +216,7 @@ async def submit_planned(
         keys = [r.request_key for r in plan.to_submit]
         await asyncio.to_thread(ledger.requeue, keys, from_states=plan.requeue_from)
     schedule = client.config.poll_schedule
-    expected_seconds = expected_seconds_fn or client.config.expected_seconds_for
+    expected_seconds = expected_seconds_fn or learned_expectation(ledger, client.config.expected_seconds)
     slots = asyncio.Semaphore(max_concurrency)
     stop_reasons: list[str] = []  # non-empty once creating must stop
 

@@ -1,19 +1,16 @@
 import dagster as dg
 
 from .assets import downloaded_videos, generation_requests, generation_results, submitted_generations
-from .partitions import prompt_sets
 
 # What spends money (the schedule and opt-in auto-submit target this) ...
 submit_job = dg.define_asset_job(
     "submit_prompt_set",
     selection=dg.AssetSelection.assets(generation_requests, submitted_generations),
-    partitions_def=prompt_sets,
     description="Validate a prompt set and create the generations the ledger has not bought yet.",
 )
 # ... and what only collects what was bought (the completion sensor targets this).
 collect_job = dg.define_asset_job(
     "collect_prompt_set",
     selection=dg.AssetSelection.assets(generation_results, downloaded_videos),
-    partitions_def=prompt_sets,
     description="Record final results and download finished videos (runs the asset checks).",
 )

@@ -17,8 +17,10 @@ Where the contract is silent, the emulator assumes (and a client must not rely o
 - An http(s) `image_url` cannot be fetched offline: a generated placeholder image is animated
   instead; an http(s) `audio_url` is replaced by a tone.
 - A malformed `X-Client-Request-Id` is ignored (not echoed) rather than refused.
-- `small_frames=True` (benchmarks) ignores the requested resolution: 128x72 frames at 8 fps.
+- `small_frames=True` (benchmarks) keeps the requested frame size but encodes 2 frames per second.
 - Generation ids are random, not seeded, so they stay unique across emulator restarts.
+- Statuses follow the wall clock alone (queued, generating, then completed or error at `latency_s`);
+  the encode starts at create and a download that arrives before it is done simply waits for it.
 """
 
 from wan_pipeline.emulator.config import EmulatorConfig, FaultConfig, add_cli_arguments, config_from_args

@@ -123,7 +123,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         "--small-frames",
         dest="small_frames",
         action="store_true",
-        help="benchmark mode: tiny frames (72 px short side) at 8 fps, exact duration",
+        help="benchmark mode: requested frame size at 2 fps (cheap encodes), exact duration",
     )
     group = parser.add_argument_group("fault injection (rates are probabilities per request)")
     for f in fields(FaultConfig):
