@@ -15,6 +15,15 @@ from wan_pipeline.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_IMAGES = REPO / "data" / "images"
+# A prompt set of two generations (one image, one prompt, two seeds), for a `configs/prompt_sets/` dir
+# two levels below a folder that holds a copy of data/images.
+TWO_SEEDS = """\
+defaults: {resolution: 720p, duration: 5}
+items:
+  - image: ../../data/images/mug.png
+    prompt: Slow dolly-in on a steaming mug
+    seeds: [1, 2]
+"""
 
 
 @dataclass

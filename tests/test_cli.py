@@ -10,22 +10,14 @@ from pathlib import Path
 
 import pytest
 from conftest import EMULATOR_API_KEY
-
-REPO = Path(__file__).resolve().parents[1]
-ONE_SET = """\
-defaults: {resolution: 720p, duration: 5}
-items:
-  - image: ../../data/images/mug.png
-    prompt: Slow dolly-in on a steaming mug
-    seeds: [1, 2]
-"""
+from pipeline_support import REPO, TWO_SEEDS
 
 
 @pytest.fixture
 def workdir(tmp_path: Path, emulator) -> tuple[Path, dict[str, str]]:
     (tmp_path / "configs" / "prompt_sets").mkdir(parents=True)
     shutil.copytree(REPO / "data" / "images", tmp_path / "data" / "images")
-    (tmp_path / "configs" / "prompt_sets" / "launch.yaml").write_text(ONE_SET)
+    (tmp_path / "configs" / "prompt_sets" / "launch.yaml").write_text(TWO_SEEDS)
     env = {
         **os.environ,
         "AIMLAPI_API_KEY": EMULATOR_API_KEY,
@@ -106,7 +98,7 @@ def test_in_doubt_creates_are_listed_and_resubmitted_only_when_asked(workdir, em
 
 def test_an_invalid_catalog_submits_nothing_and_names_the_problem(workdir, emulator) -> None:
     cwd, env = workdir
-    (cwd / "configs" / "prompt_sets" / "launch.yaml").write_text(ONE_SET.replace("720p", "4k"))
+    (cwd / "configs" / "prompt_sets" / "launch.yaml").write_text(TWO_SEEDS.replace("720p", "4k"))
     validate = wan_pipeline(cwd, env, "validate")
     assert validate.returncode == 1
     assert "launch.yaml:1: resolution: got '4k', allowed: 720p | 1080p" in validate.stdout

@@ -8,20 +8,15 @@ from datetime import UTC, datetime
 
 import dagster as dg
 import pytest
-from pipeline_support import Project, make_project
+from conftest import EMULATOR_API_KEY
+from pipeline_support import TWO_SEEDS, Project, make_project
 
 from wan_pipeline.defs import sensors as sensors_module
+from wan_pipeline.emulator import EmulatorConfig, running_emulator
 from wan_pipeline.ledger import State
 from wan_pipeline.media import probe_video
 
 SET = "launch"
-TWO_SEEDS = """\
-defaults: {resolution: 720p, duration: 5}
-items:
-  - image: ../../data/images/mug.png
-    prompt: Slow dolly-in on a steaming mug
-    seeds: [1, 2]
-"""
 
 
 @pytest.fixture
@@ -275,3 +270,20 @@ def test_failed_and_in_doubt_generations_are_reported_not_raised(project: Projec
     (warning,) = [c for c in collected.get_asset_check_evaluations() if c.check_name == "no_failed_generations"]
     assert not warning.passed and warning.severity == dg.AssetCheckSeverity.WARN
     assert [r.state for r in project.ledger.rows(SET)] == [State.IN_DOUBT, State.IN_DOUBT]
+
+
+def test_expired_video_urls_are_refreshed_by_polling_again(tmp_path, monkeypatch) -> None:
+    # Signed URLs that live half a second: by collection time every recorded URL has expired.
+    config = EmulatorConfig(latency_s=0.3, url_ttl_s=0.5, api_key=EMULATOR_API_KEY, small_frames=True)
+    with running_emulator(config) as emulator, dg.instance_for_test() as instance:
+        project = make_project(tmp_path, emulator, monkeypatch, instance)
+        project.write_set(f"{SET}.yaml", TWO_SEEDS)
+        assert project.submit(SET).success
+        tick_until_collect_requested(project)
+        time.sleep(0.6)  # let the recorded URLs expire (setup, not a timing assertion)
+        collected = project.collect(SET)
+
+        assert collected.success
+        metadata = materialization(collected, "downloaded_videos")
+        assert metadata["downloaded"] == 2 and metadata["refreshed_urls"] >= 2
+        assert len(list((tmp_path / "outputs" / SET).glob("*.mp4"))) == 2

@@ -34,7 +34,7 @@ from wan_pipeline.api import (
     ServerError,
 )
 from wan_pipeline.catalog import CatalogRequest, load_prompt_set
-from wan_pipeline.emulator import EmulatorConfig, FaultConfig, running_emulator
+from wan_pipeline.emulator import EmulatorConfig, running_emulator
 from wan_pipeline.ledger import Ledger, State
 from wan_pipeline.settings import Secret
 from wan_pipeline.submission import (
@@ -58,14 +58,6 @@ def emulator_server() -> Iterator[Any]:
     config = EmulatorConfig(latency_s=30.0, small_frames=True, api_key=API_KEY, seed=7)
     with running_emulator(config) as emu:
         yield emu
-
-
-@pytest.fixture
-def emulator(emulator_server: Any) -> Any:
-    defaults = {f.name: getattr(FaultConfig(), f.name) for f in dataclasses.fields(FaultConfig)}
-    emulator_server.update_faults(**defaults)
-    emulator_server.reset_stats()
-    return emulator_server
 
 
 @pytest.fixture

@@ -106,25 +106,33 @@ def _probe_dict(path: Any) -> dict[str, Any]:
     return {k: probe[k] for k in ("width", "height", "duration_s", "codec", "has_audio", "fps", "audio_codec")}
 
 
+async def _fresh_url(ledger: Ledger, client: AsyncAimlApiClient, row: LedgerRow, report: CollectReport) -> str:
+    """Poll the generation again: the provider signs a new URL for a finished video."""
+    generation = await client.get(row.generation_id)
+    ledger.refresh_video_url(row.request_key, generation.video_url, generation.video_expires_at)
+    report.refreshed_urls += 1
+    if generation.video_url is None:
+        raise ApiError(f"generation {row.generation_id} has no video URL (status {generation.raw_status})")
+    return generation.video_url
+
+
+def _expiring(row: LedgerRow) -> bool:
+    expires = row.video_expires_at
+    return expires is not None and expires - URL_EXPIRY_MARGIN <= datetime.now(UTC)
+
+
 async def _download_fresh(
     ledger: Ledger, client: AsyncAimlApiClient, row: LedgerRow, destination: Any, report: CollectReport
 ) -> tuple[int, str]:
+    """Download with the recorded URL, refreshing it first if it is about to expire, and once more
+    if the host says it has expired meanwhile."""
     url = row.video_url
-    expires = row.video_expires_at
-    for attempt in range(2):
-        if url is None or (expires is not None and expires - URL_EXPIRY_MARGIN <= datetime.now(UTC)) or attempt:
-            generation = await client.get(row.generation_id)
-            ledger.refresh_video_url(row.request_key, generation.video_url, generation.video_expires_at)
-            url, expires = generation.video_url, generation.video_expires_at
-            report.refreshed_urls += 1
-            if url is None:
-                raise ApiError(f"generation {row.generation_id} has no video URL (status {generation.raw_status})")
-        try:
-            return await client.download(url, destination)
-        except DownloadExpired:
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+    if url is None or _expiring(row):
+        url = await _fresh_url(ledger, client, row, report)
+    try:
+        return await client.download(url, destination)
+    except DownloadExpired:
+        return await client.download(await _fresh_url(ledger, client, row, report), destination)
 
 
 async def _collect_one(

@@ -117,15 +117,15 @@ def poll_due(
     ledger: Ledger, config: ClientConfig, *, limit: int, time_budget_s: float, now: datetime | None = None
 ) -> PollReport:
     """One bounded batch: the `limit` generations whose next poll time has come, within the budget."""
-    rows = ledger.due_for_poll(now or _utcnow(), limit)
+    due = ledger.due_for_poll(now or _utcnow(), limit + 1)  # one more, to know whether any is left over
+    rows = due[:limit]
 
     async def run() -> PollReport:
         async with AsyncAimlApiClient(config) as client:
             return await poll_rows_async(ledger, client, rows, time_budget_s=time_budget_s)
 
     report = asyncio.run(run()) if rows else PollReport()
-    if len(rows) == limit and ledger.due_for_poll(now or _utcnow(), 1):
-        report.unfinished += 1
+    report.unfinished += len(due) - len(rows)
     return report
 
 

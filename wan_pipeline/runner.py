@@ -8,6 +8,7 @@ and sensor cursors land in the instance, so `dagster dev` shows the same history
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -87,12 +88,14 @@ def _materialization_metadata(result: dg.ExecuteInProcessResult, asset: str) -> 
 
 
 def _failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """The first failed step's message: a `dg.Failure`'s description, else the error's first line."""
     for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data.error:
-            error = event.step_failure_data.error
-            return (error.message or "").strip().splitlines()[0] if not event.step_failure_data.user_failure_data else (
-                event.step_failure_data.user_failure_data.description or error.message
-            )
+        if event.is_step_failure:
+            failure = event.step_failure_data
+            if failure.user_failure_data and failure.user_failure_data.description:
+                return failure.user_failure_data.description
+            if failure.error:
+                return (failure.error.message or "").strip().splitlines()[0]
     return "run failed"
 
 
@@ -118,16 +121,16 @@ class PipelineRunner:
         print(text, file=self.out, flush=True)
 
     def select_sets(self, names: Sequence[str]) -> dict[str, Path] | None:
-        files = {}
+        """The named sets' files (all sets when none is named), or None after saying what is unknown."""
         available = discover_prompt_sets(self.settings.catalog_dir)
         unknown = [n for n in names if n not in available]
         if unknown:
-            self.say(f"Unknown prompt set(s): {', '.join(unknown)}. Available in {self.settings.catalog_dir}: "
-                     f"{', '.join(sorted(available)) or '(none)'}")
+            self.say(
+                f"Unknown prompt set(s): {', '.join(unknown)}. Available in {self.settings.catalog_dir}: "
+                f"{', '.join(sorted(available)) or '(none)'}"
+            )
             return None
-        for name in names or sorted(available):
-            files[name] = available[name]
-        return files
+        return {name: available[name] for name in names or sorted(available)}
 
     def run(self, options: RunOptions) -> int:
         files = self.select_sets(options.prompt_sets)
@@ -183,6 +186,8 @@ class PipelineRunner:
         return any(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
 
     def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
+        # The sensor's own log lines are for the Dagster UI; here the progress line says it all.
+        logging.getLogger("dagster").setLevel(logging.WARNING)
         context = dg.build_sensor_context(
             instance=self.instance,
             cursor=cursor,

@@ -17,7 +17,13 @@ from wan_pipeline.submission import BudgetExceeded, submit_prompt_set
 from .partitions import prompt_sets
 from .resources import AimlApiResource, CatalogResource, LedgerResource, VideoStoreResource
 
-OWNERS = ["team:video-platform"]
+# What every asset of a prompt set shares: its partitioning, owner, storage and code version.
+PROMPT_SET_ASSET = {
+    "partitions_def": prompt_sets,
+    "owners": ["team:video-platform"],
+    "io_manager_key": "parquet_io_manager",
+    "code_version": "1",
+}
 PREVIEW_ROWS = 20
 
 
@@ -58,14 +64,7 @@ def _rows_frame(rows: list[LedgerRow]) -> pd.DataFrame:
     )
 
 
-@dg.asset(
-    partitions_def=prompt_sets,
-    group_name="catalog",
-    code_version="1",
-    owners=OWNERS,
-    kinds={"yaml", "pandas"},
-    io_manager_key="parquet_io_manager",
-)
+@dg.asset(**PROMPT_SET_ASSET, group_name="catalog", kinds={"yaml", "pandas"})
 def generation_requests(context: dg.AssetExecutionContext, catalog: CatalogResource) -> dg.Output[pd.DataFrame]:
     """The validated, expanded catalog of one prompt set: one row per generation, keyed by request_key.
 
@@ -104,15 +103,7 @@ class SubmissionConfig(dg.Config):
     """Resubmit generations the provider reported as failed."""
 
 
-@dg.asset(
-    partitions_def=prompt_sets,
-    group_name="generation",
-    code_version="1",
-    owners=OWNERS,
-    kinds={"api"},
-    pool="aimlapi",
-    io_manager_key="parquet_io_manager",
-)
+@dg.asset(**PROMPT_SET_ASSET, group_name="generation", kinds={"api"}, pool="aimlapi")
 def submitted_generations(
     context: dg.AssetExecutionContext,
     config: SubmissionConfig,
@@ -175,14 +166,7 @@ class ResultsConfig(dg.Config):
     """How long an ad-hoc run waits for generations still pending at the provider."""
 
 
-@dg.asset(
-    partitions_def=prompt_sets,
-    group_name="generation",
-    code_version="1",
-    owners=OWNERS,
-    kinds={"api"},
-    io_manager_key="parquet_io_manager",
-)
+@dg.asset(**PROMPT_SET_ASSET, group_name="generation", kinds={"api"})
 def generation_results(
     context: dg.AssetExecutionContext,
     config: ResultsConfig,
@@ -232,14 +216,7 @@ def generation_results(
     return dg.Output(frame, metadata=metadata)
 
 
-@dg.asset(
-    partitions_def=prompt_sets,
-    group_name="generation",
-    code_version="1",
-    owners=OWNERS,
-    kinds={"video"},
-    io_manager_key="parquet_io_manager",
-)
+@dg.asset(**PROMPT_SET_ASSET, group_name="generation", kinds={"video"})
 def downloaded_videos(
     context: dg.AssetExecutionContext,
     generation_requests: pd.DataFrame,
