@@ -525,3 +525,15 @@ def test_embedded_prices_equal_the_file_and_stand_in_for_it(monkeypatch):
     embedded = PriceTable.load()
     assert embedded.origin == "embedded"
     assert embedded.prices == PriceTable.load(REPO / "configs" / "prices.yaml").prices
+
+
+def test_a_project_laid_out_like_this_one_reads_its_own_data_from_any_working_directory(tmp_path, monkeypatch):
+    project = tmp_path / "elsewhere"
+    image = write_image(project / "data" / "images" / "a.png")
+    path = write_set(project / "configs" / "prompt_sets", "s.yaml", "items:\n  - image: ../../data/images/a.png\n    prompt: p\n")
+    monkeypatch.chdir(tmp_path)  # not the project: its `data/` is found through the catalog's layout
+    assert load_prompt_set(path).requests[0].image_sha256 == sources.sha256_hex(image.read_bytes())
+    sibling = write_set(project / "configs" / "prompt_sets", "t.yaml", "items:\n  - image: ../../../secret.png\n    prompt: p\n")
+    write_image(tmp_path / "secret.png")
+    [problem] = problems_of(sibling)
+    assert "outside the allowed roots" in problem.message

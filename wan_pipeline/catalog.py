@@ -13,7 +13,9 @@ hold a reference as written, not what goes on the wire).
 Allowed roots -- a local media path must resolve (symlinks followed) inside one of:
   1. the folder holding the set file, and below;
   2. `data/` under the current working directory (the project's media folder: the sample
-     catalog's `../../data/images/...` lands there when run from the project root);
+     catalog's `../../data/images/...` lands there when run from the project root), and the
+     `data/` of the project a set file belongs to when it lives in `<project>/configs/<folder>/`
+     (so a catalog elsewhere, laid out like this one, works from any working directory);
   3. the folders in `WAN_PIPELINE_ALLOWED_ROOTS` (os.pathsep-separated, see settings);
   4. the `allowed_roots` a caller passes.
 Anything else (`../../etc/passwd`, `/etc/passwd`) is an error, never an upload. fsspec URLs that
@@ -290,9 +292,21 @@ def display_path(path: Path) -> str:
         return str(resolved)
 
 
+def project_data_dir(set_file: Path) -> Path | None:
+    """`<project>/data` for a set file laid out as `<project>/configs/prompt_sets/<set>.yaml`."""
+    folder = Path(set_file).resolve().parent
+    return folder.parent.parent / "data" if folder.parent.name == "configs" else None
+
+
 def default_allowed_roots(set_file: Path) -> list[Path]:
     """The roots local media of `set_file` may live under (see the module doc), before caller extras."""
-    return [Path(set_file).resolve().parent, Path.cwd() / "data", *load_settings().allowed_roots]
+    project_data = project_data_dir(set_file)
+    return [
+        Path(set_file).resolve().parent,
+        Path.cwd() / "data",
+        *([project_data] if project_data else []),
+        *load_settings().allowed_roots,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
