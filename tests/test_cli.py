@@ -105,3 +105,15 @@ def test_an_invalid_catalog_submits_nothing_and_names_the_problem(workdir, emula
     run = wan_pipeline(cwd, env, "run")
     assert run.returncode == 1 and "Nothing was submitted" in run.stdout
     assert emulator.stats()["accepted_creates"] == 0
+
+
+def test_running_out_of_credits_stops_submitting_and_still_collects_what_was_bought(workdir, emulator) -> None:
+    cwd, env = workdir
+    emulator.update_faults(credit_limit=1_050_000)  # exactly one 720p 5 s generation
+    result = wan_pipeline(cwd, env, "run", "--deadline", "120")
+
+    assert result.returncode == 1
+    assert emulator.stats()["accepted_creates"] == 1
+    assert "out of credits" in result.stdout
+    assert sum(line.startswith("NOT SUBMITTED launch/") for line in result.stdout.splitlines()) == 1
+    assert len(list((cwd / "data" / "outputs" / "launch").glob("*.mp4"))) == 1  # the one bought

@@ -362,6 +362,16 @@ def test_dropped_create_is_accepted_but_never_answered(emulator_client):
     assert wait_terminal(client, generation_id)["status"] == "completed"  # it was really created
 
 
+# body() asks for 1080p 5 s: 1,575,000 credits. The account holds enough for two.
+@pytest.mark.parametrize("emulator_client", [fast(faults=FaultConfig(credit_limit=3_150_000))], indirect=True)
+def test_out_of_credits_answers_403_and_charges_nothing(emulator_client):
+    emu, client = emulator_client
+    assert [client.post(PATH, json=body(seed=n)).status_code for n in range(3)] == [200, 200, 403]
+    payload = assert_provider_error(client.post(PATH, json=body(seed=9)), 403)
+    assert "credits" in payload["message"]
+    assert emu.stats()["accepted_creates"] == 2
+
+
 def test_faults_can_change_at_runtime_over_http_and_in_process(emulator_client):
     emu, client = emulator_client
     changed = client.post("/_emulator/faults", json={"create_503_rate": 1.0})

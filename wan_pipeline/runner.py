@@ -170,8 +170,10 @@ class PipelineRunner:
         )
         if not result.success:
             outcome.errors.append(f"submission failed: {_failure_message(result)}")
-            return
+        # Present even when the run failed after recording what it bought (out of credits midway).
         metadata = _materialization_metadata(result, "submitted_generations")
+        if not metadata:
+            return
         outcome.new = int(metadata.get("new", 0))
         outcome.reused = int(metadata.get("reused", 0))
         outcome.requested = int(metadata.get("dagster/row_count", 0))
@@ -201,7 +203,9 @@ class PipelineRunner:
     def wait_and_collect(self, outcomes: dict[str, SetOutcome], options: RunOptions) -> None:
         started = time.monotonic()
         give_up_at = started + options.deadline_s
-        active = {name for name, outcome in outcomes.items() if not outcome.errors}
+        # Even a set whose submission stopped partway (out of credits, say) is waited for: what was
+        # bought before the stop is collected now, not left for a rerun to find.
+        active = set(outcomes)
         cursor: str | None = None
         last_line = ""
         while active:
@@ -215,9 +219,8 @@ class PipelineRunner:
                     outcomes[request.partition_key].collected = True
             for name in list(active):
                 progress = set_progress(self.ledger, name)
-                if outcomes[name].collected or outcomes[name].errors:
-                    if progress.ready_to_collect:
-                        active.discard(name)
+                if progress.total == 0 or (progress.ready_to_collect and outcomes[name].collected):
+                    active.discard(name)
             if not active:
                 break
             line = self._progress_line(active, time.monotonic() - started)

@@ -3,6 +3,7 @@
 
 import base64
 import hashlib
+from collections.abc import Iterator
 
 import dagster as dg
 import pandas as pd
@@ -110,8 +111,12 @@ def submitted_generations(
     generation_requests: pd.DataFrame,
     aimlapi: AimlApiResource,
     ledger: LedgerResource,
-) -> dg.Output[pd.DataFrame]:
-    """Creates the generations the ledger has not bought yet (write-ahead), and reuses the rest."""
+) -> Iterator[dg.Output[pd.DataFrame]]:
+    """Creates the generations the ledger has not bought yet (write-ahead), and reuses the rest.
+
+    When the API runs out of credits midway, what was bought is still stored (so it is collected)
+    and then the step fails, loudly.
+    """
     requests = requests_from_dataframe(generation_requests)
     store = ledger.get()
     try:
@@ -153,12 +158,12 @@ def submitted_generations(
         f"{context.partition_key}: {report.new} new, {report.reused} reused, {len(report.in_doubt)} in doubt, "
         f"{len(report.rejected)} rejected, ${float(report.usd_spent or 0):.4f} spent"
     )
+    yield dg.Output(frame, metadata=metadata)
     if report.out_of_credits:
         raise dg.Failure(
-            description="The API answered 403 (out of credits): submission stopped. Nothing unsent was charged.",
-            metadata=metadata,
+            description=f"The API answered 403 (out of credits): submission stopped after {report.new} new "
+            f"generation(s); {len(report.failed_to_submit)} were not sent and not charged.",
         )
-    return dg.Output(frame, metadata=metadata)
 
 
 class ResultsConfig(dg.Config):

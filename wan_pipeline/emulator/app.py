@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from wan_pipeline.emulator.state import DownloadRefused, EmulatorState, UnknownGeneration
+from wan_pipeline.emulator.state import DownloadRefused, EmulatorState, UnknownGeneration, credits_for
 from wan_pipeline.emulator.validation import BodyInvalid, parse_create_body, required_issue
 from wan_pipeline.models import usd_from_credits
 
@@ -44,6 +44,7 @@ SERVER_ERRORS = {
     "504": "Generation timeout",
 }
 UNAUTHORIZED = "This request requires a valid API key. Pass it as `Authorization: Bearer <key>`."
+OUT_OF_CREDITS = "You have run out of credits. Top up your balance to continue."
 STREAM_CHUNK = 1024 * 1024
 BLOB_SEED = 0x5EED
 
@@ -223,6 +224,8 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
             return provider_error(400, "Body validation error!", request, headers, errors=exc.issues)
         if fault in SERVER_ERRORS:
             return provider_error(int(fault), SERVER_ERRORS[fault], request, headers)
+        if not state.can_afford(credits_for(parsed.resolution, parsed.duration)):
+            return provider_error(403, OUT_OF_CREDITS, request, headers)
         generation = state.accept_create(parsed, _client_request_id(request), dropped=fault == "drop")
         if fault == "drop":
             # Counted here: no response will start, and the client must find it counted once cut off.

@@ -39,13 +39,15 @@ class FaultConfig:
     get_504_rate: float = 0.0
     error_rate: float = 0.0  # accepted generations that end in status `error`
     download_bytes_per_s: float | None = None  # throttle for video and blob downloads; None = full speed
+    # The account's credits: a create that would spend past them answers 403 (out of credits).
+    credit_limit: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "download_bytes_per_s":
+            if f.name in ("download_bytes_per_s", "credit_limit"):
                 if value is not None and not (_is_number(value) and value > 0):
-                    raise ValueError(f"download_bytes_per_s must be a positive number or None, got {value!r}")
+                    raise ValueError(f"{f.name} must be a positive number or None, got {value!r}")
             elif f.name == "retry_after_s":
                 if not (_is_number(value) and value >= 0):
                     raise ValueError(f"retry_after_s must be a number >= 0, got {value!r}")

@@ -143,6 +143,15 @@ class EmulatorState:
 
     # -- generations -----------------------------------------------------------------------------
 
+    def can_afford(self, credits: int) -> bool:
+        """Whether the account's credit limit (if any) covers one more create of this price."""
+        limit = self.faults.credit_limit
+        if limit is None:
+            return True
+        with self._lock:
+            spent = sum(g.credits_used for g in self._generations.values())
+        return spent + credits <= limit
+
     def accept_create(
         self, request: CreateRequest, client_request_id: str | None, *, dropped: bool
     ) -> Generation:
