@@ -131,7 +131,16 @@ class ClientConfig:
 # --------------------------------------------------------------------------------------------
 
 PENDING, COMPLETED, FAILED = "pending", "completed", "failed"
-_STATUS_MAP = {"completed": COMPLETED, "succeeded": COMPLETED, "error": FAILED, "failed": FAILED}
+# The contract's table, plus upstream's (DashScope) CANCELED: a cancelled task never completes, and
+# reading it as pending would wait on it until the provider forgets it.
+_STATUS_MAP = {
+    "completed": COMPLETED,
+    "succeeded": COMPLETED,
+    "error": FAILED,
+    "failed": FAILED,
+    "canceled": FAILED,
+    "cancelled": FAILED,
+}
 
 
 def normalize_status(raw_status: str | None) -> str:

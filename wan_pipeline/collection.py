@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 # Refresh a signed URL that expires within this margin rather than start a download that will fail.
 URL_EXPIRY_MARGIN = timedelta(seconds=30)
 PENDING_STATES = {State.SUBMITTING, *PENDING_REMOTE}
+# Finished videos of a set wait at most this long for its last stragglers before being collected.
+COLLECT_EARLY_AFTER = timedelta(minutes=10)
 
 
 @dataclass
@@ -225,18 +227,29 @@ class SetProgress:
     total: int
     pending: int  # being submitted or still running at the provider
     uncollected: int  # completed without a recorded download
-    fingerprint: str  # changes whenever any generation of the set changes state or is collected
+    fingerprint: str  # changes whenever any generation of the set changes state
+    oldest_uncollected_at: datetime | None = None  # when the longest-waiting uncollected video completed
 
     @property
     def ready_to_collect(self) -> bool:
+        """Every generation is terminal (or needs a person: in doubt, not submitted)."""
         return self.total > 0 and self.pending == 0
+
+    def should_collect(self, now: datetime) -> bool:
+        """Ready, or finished videos have waited long enough for stragglers: one stuck generation
+        must not keep the set's paid videos from being downloaded before the provider drops them."""
+        if self.ready_to_collect:
+            return True
+        waited = self.oldest_uncollected_at is not None and now - self.oldest_uncollected_at >= COLLECT_EARLY_AFTER
+        return self.uncollected > 0 and waited
 
 
 def set_progress(ledger: Ledger, prompt_set: str) -> SetProgress:
     rows = ledger.rows(prompt_set)
     pending = sum(row.state in PENDING_STATES for row in rows)
-    uncollected = sum(row.state == State.COMPLETED and not row.download_sha256 for row in rows)
+    uncollected = [row for row in rows if row.state == State.COMPLETED and not row.download_sha256]
     digest = hashlib.sha256()
     for row in sorted(rows, key=lambda r: r.request_key):
-        digest.update(f"{row.request_key}:{row.state}:{bool(row.download_sha256)}\n".encode())
-    return SetProgress(prompt_set, len(rows), pending, uncollected, digest.hexdigest()[:16])
+        digest.update(f"{row.request_key}:{row.state}\n".encode())
+    oldest = min((row.completed_at for row in uncollected if row.completed_at), default=None)
+    return SetProgress(prompt_set, len(rows), pending, len(uncollected), digest.hexdigest()[:16], oldest)

@@ -628,10 +628,16 @@ class Ledger:
             self._move(conn, request_key, {current}, target, values)
         return target
 
-    def postpone_poll(self, request_key: str, next_poll_at: datetime) -> None:
-        """A poll that could not be answered (transient error): ask again later, state unchanged."""
+    def postpone_poll(self, request_key: str, next_poll_at: datetime, *, raw_status: str | None = None) -> None:
+        """A poll that could not be answered (transient error): ask again later, state unchanged.
+
+        `raw_status`, when given, records what the answer was (e.g. "not_found") for the next poll.
+        """
+        values: dict[str, Any] = {"next_poll_at": next_poll_at}
+        if raw_status is not None:
+            values["raw_status"] = raw_status
         with self._writing() as conn:
-            self._move(conn, request_key, PENDING_REMOTE, None, {"next_poll_at": next_poll_at})
+            self._move(conn, request_key, PENDING_REMOTE, None, values)
 
     def refresh_video_url(
         self, request_key: str, video_url: str | None, video_expires_at: datetime | None

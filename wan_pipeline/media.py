@@ -221,12 +221,15 @@ def _fit_label(draw: ImageDraw.ImageDraw, text: str, font: Any, max_width: int) 
     return text + "…"
 
 
-def _tile_frame(path: VideoPath) -> Image.Image | None:
-    """The representative frame of one sheet entry, or None when it cannot be read (drawn as a placeholder)."""
+def _tile_frame(path: VideoPath, max_width: int) -> Image.Image | None:
+    """The representative frame of one sheet entry, already shrunk to tile size (a sheet of hundreds
+    of 1080p frames must not hold them all at full size), or None when it cannot be read."""
     try:
-        return extract_frame(path)
+        frame = extract_frame(path)
     except (MediaDecodeError, OSError):
         return None
+    frame.thumbnail((max_width, round(max_width * MAX_TILE_ASPECT)), Image.Resampling.LANCZOS)
+    return frame
 
 
 def contact_sheet(
@@ -241,8 +244,8 @@ def contact_sheet(
         raise ValueError("a contact sheet needs at least one video")
     if columns < 1 or tile_width <= 2 * TILE_MARGIN:
         raise ValueError(f"columns must be >= 1 and tile_width > {2 * TILE_MARGIN} px")
-    frames = [_tile_frame(path) for path, _ in items]
     inner_width = tile_width - 2 * TILE_MARGIN
+    frames = [_tile_frame(path, inner_width) for path, _ in items]
     heights = [
         min(round(inner_width * f.height / f.width), round(inner_width * MAX_TILE_ASPECT))
         for f in frames

@@ -20,6 +20,12 @@ from wan_pipeline.ledger import PENDING_REMOTE, Ledger, LedgerRow
 
 log = logging.getLogger(__name__)
 
+NOT_FOUND = "not_found"
+# A generation the provider answers 404 for is failed only when it still does this long after its
+# create, and after more than one 404 (see `_poll_one`).
+NOT_FOUND_GRACE = timedelta(minutes=15)
+MAX_PENDING = timedelta(hours=24)
+
 
 @dataclass
 class PollReport:
@@ -48,10 +54,19 @@ async def _poll_one(
     try:
         generation = await client.get(row.generation_id)
     except GenerationNotFound as exc:
-        # The provider no longer knows this id (expired after 24 h, or another API): it will never finish.
+        report.polled += 1
+        age = _utcnow() - row.submitted_at if row.submitted_at else timedelta(0)
+        if row.raw_status != NOT_FOUND or age < NOT_FOUND_GRACE:
+            # A paid generation is not given up on one 404 (a replica that has not seen it yet, a
+            # gateway hiccup): ask again, and remember that it was not found.
+            retry_at = _utcnow() + timedelta(seconds=schedule.max_interval_s)
+            ledger.postpone_poll(row.request_key, retry_at, raw_status=NOT_FOUND)
+            report.still_pending += 1
+            return
+        # Still unknown well after it was created (expired after 24 h, or another API's id).
         ledger.record_poll(
             row.request_key,
-            raw_status="not_found",
+            raw_status=NOT_FOUND,
             status="failed",
             video_url=None,
             video_expires_at=None,
@@ -60,7 +75,6 @@ async def _poll_one(
             usd_spent=None,
             next_poll_at=None,
         )
-        report.polled += 1
         report.failed += 1
         return
     except ApiError as exc:
@@ -72,21 +86,25 @@ async def _poll_one(
     now = _utcnow()
     elapsed = (now - row.submitted_at).total_seconds() if row.submitted_at else 0.0
     delay = schedule.next_delay(elapsed, row.poll_count + 1, row.expected_seconds)
+    status, error = generation.status, generation.error
+    if status == "pending" and elapsed > MAX_PENDING.total_seconds():
+        # The provider keeps results 24 h: a generation still running past that will not be delivered.
+        status, error = "failed", f"still {generation.raw_status} {elapsed / 3600:.0f} h after submission"
     ledger.record_poll(
         row.request_key,
         raw_status=generation.raw_status,
-        status=generation.status,
+        status=status,
         video_url=generation.video_url,
         video_expires_at=generation.video_expires_at,
-        error=generation.error,
+        error=error,
         credits_used=generation.credits_used,
         usd_spent=generation.usd_spent,
-        next_poll_at=None if generation.is_terminal else now + timedelta(seconds=delay),
+        next_poll_at=None if status != "pending" else now + timedelta(seconds=delay),
     )
     report.polled += 1
-    if generation.status == "completed":
+    if status == "completed":
         report.completed += 1
-    elif generation.status == "failed":
+    elif status == "failed":
         report.failed += 1
     else:
         report.still_pending += 1

@@ -22,18 +22,18 @@ import dagster as dg
 
 from wan_pipeline.catalog import discover_prompt_sets, format_reports, validate_paths
 from wan_pipeline.collection import set_progress
+from wan_pipeline.defs.sensors import STATES_TAG, collection_run_request
 from wan_pipeline.ledger import Ledger, State
 from wan_pipeline.settings import Settings
 
 QUIET_LOGGING = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# No pool limit here: a run killed mid-step would hold its `aimlapi` slot forever, and nothing in a
+# local instance frees it (deploy/dagster.yaml sets the limit, with the daemon's run monitoring).
+# The client bounds in-flight API calls itself.
 INSTANCE_YAML = """\
 # Project-local Dagster instance for `wan-pipeline run` and `wan-pipeline dev`.
 telemetry:
   enabled: false
-concurrency:
-  pools:
-    # Runs that call the AI/ML API (the `aimlapi` pool) queue behind each other beyond this.
-    default_limit: 4
 """
 
 
@@ -70,13 +70,14 @@ class SetOutcome:
     not_submitted: int = 0
     usd_new: float = 0.0
     usd_total: float = 0.0
-    collected: bool = False
+    collected_fingerprint: str | None = None  # the set's states when a collection run last ran
     failures: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.collected and not (self.failed or self.in_doubt or self.not_submitted or self.errors)
+        collected = self.collected_fingerprint is not None
+        return collected and not (self.failed or self.in_doubt or self.not_submitted or self.errors)
 
 
 def _materialization_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
@@ -183,10 +184,6 @@ class PipelineRunner:
             f"{outcome.reused} reused from the ledger"
         )
 
-    def _already_ran(self, run_key: str) -> bool:
-        runs = self.instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key}), limit=5)
-        return any(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
-
     def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
         # The sensor's own log lines are for the Dagster UI; here the progress line says it all.
         logging.getLogger("dagster").setLevel(logging.WARNING)
@@ -210,16 +207,15 @@ class PipelineRunner:
         last_line = ""
         while active:
             cursor, requests = self.tick(cursor)
+            # Unlike the daemon, run executes a requested collection even when an earlier run had the
+            # same key: it is cheap (verified files are skipped) and it restores a deleted video.
             for request in requests:
-                if request.partition_key not in active:
-                    continue
-                if not self._already_ran(request.run_key):
+                if request.partition_key in active:
                     self.collect(request, outcomes[request.partition_key])
-                else:
-                    outcomes[request.partition_key].collected = True
             for name in list(active):
                 progress = set_progress(self.ledger, name)
-                if progress.total == 0 or (progress.ready_to_collect and outcomes[name].collected):
+                done = progress.ready_to_collect and outcomes[name].collected_fingerprint == progress.fingerprint
+                if progress.total == 0 or done:
                     active.discard(name)
             if not active:
                 break
@@ -229,7 +225,12 @@ class PipelineRunner:
                 last_line = line
             if time.monotonic() >= give_up_at:
                 for name in active:
-                    outcomes[name].errors.append(f"deadline of {options.deadline_s:.0f} s passed before collection")
+                    progress = set_progress(self.ledger, name)
+                    if progress.uncollected:  # what is finished is collected now, not left to a rerun
+                        self.collect(collection_run_request(name, progress), outcomes[name])
+                    outcomes[name].errors.append(
+                        f"deadline of {options.deadline_s:.0f} s passed with {progress.pending} generation(s) pending"
+                    )
                 break
             self._sleep_until_due(give_up_at, options.tick_interval_s)
 
@@ -253,11 +254,11 @@ class PipelineRunner:
         result = self.collect_job.execute_in_process(
             instance=self.instance,
             partition_key=request.partition_key,
-            tags={"dagster/run_key": request.run_key},
-            run_config=QUIET_LOGGING,
+            tags={**request.tags, "dagster/run_key": request.run_key},
+            run_config={**(request.run_config or {}), **QUIET_LOGGING},
             raise_on_error=False,
         )
-        outcome.collected = True
+        outcome.collected_fingerprint = request.tags[STATES_TAG]
         if not result.success:
             outcome.errors.append(f"collection failed: {_failure_message(result)}")
         for check in result.get_asset_check_evaluations():

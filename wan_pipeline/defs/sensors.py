@@ -7,10 +7,11 @@ a sensor could not be rematerialized from the UI).
 
 import json
 import os
+from datetime import UTC, datetime
 
 import dagster as dg
 
-from wan_pipeline.collection import set_progress
+from wan_pipeline.collection import SetProgress, set_progress
 from wan_pipeline.polling import poll_due
 from wan_pipeline.storage import SLUG, file_sha256
 
@@ -22,6 +23,8 @@ from .resources import AimlApiResource, CatalogResource, LedgerResource
 # still due at the next tick.
 TICK_POLL_LIMIT = 5000
 TICK_TIME_BUDGET_S = 30.0
+# On a collection run: the fingerprint of the set's generation states it was requested for.
+STATES_TAG = "wan_pipeline/states"
 
 
 def auto_submit_enabled() -> bool:
@@ -59,6 +62,17 @@ def prompt_set_sensor(context: dg.SensorEvaluationContext, catalog: CatalogResou
     )
 
 
+def collection_run_request(prompt_set: str, progress: SetProgress) -> dg.RunRequest:
+    """A collection run; while stragglers still run it collects what is finished without waiting."""
+    partial = {"ops": {"generation_results": {"config": {"wait_deadline_s": 0, "fail_on_pending": False}}}}
+    return dg.RunRequest(
+        partition_key=prompt_set,
+        run_key=f"collect-{prompt_set}-{progress.fingerprint}",
+        run_config=None if progress.ready_to_collect else partial,
+        tags={STATES_TAG: progress.fingerprint},
+    )
+
+
 @dg.sensor(
     target=collect_job,
     minimum_interval_seconds=10,
@@ -81,14 +95,11 @@ def generation_completion_sensor(
 
     requested: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     run_requests = []
+    now = datetime.now(UTC)
     for prompt_set in context.instance.get_dynamic_partitions(prompt_sets.name):
         progress = set_progress(store, prompt_set)
-        if not progress.ready_to_collect or requested.get(prompt_set) == progress.fingerprint:
+        if not progress.should_collect(now) or requested.get(prompt_set) == progress.fingerprint:
             continue
-        if progress.uncollected == 0 and prompt_set in requested:
-            continue  # nothing new to collect since the last run we asked for
         requested[prompt_set] = progress.fingerprint
-        run_requests.append(
-            dg.RunRequest(partition_key=prompt_set, run_key=f"collect-{prompt_set}-{progress.fingerprint}")
-        )
+        run_requests.append(collection_run_request(prompt_set, progress))
     return dg.SensorResult(run_requests=run_requests, cursor=json.dumps(requested, sort_keys=True))
