@@ -117,3 +117,36 @@ def test_running_out_of_credits_stops_submitting_and_still_collects_what_was_bou
     assert "out of credits" in result.stdout
     assert sum(line.startswith("NOT SUBMITTED launch/") for line in result.stdout.splitlines()) == 1
     assert len(list((cwd / "data" / "outputs" / "launch").glob("*.mp4"))) == 1  # the one bought
+
+
+def test_a_rejected_key_is_named_and_nothing_is_bought_or_collected(workdir, emulator) -> None:
+    cwd, env = workdir
+    (cwd / "configs" / "prompt_sets" / "second.yaml").write_text(TWO_SEEDS.replace("[1, 2]", "[3]"))
+    result = wan_pipeline(cwd, {**env, "AIMLAPI_API_KEY": "sk-wrong-key-123"}, "run", "--deadline", "60")
+
+    assert result.returncode == 1
+    assert "rejected the key (401)" in result.stdout
+    assert "ERROR second: not submitted: The API rejected the key" in result.stdout
+    assert "collection failed" not in result.stdout and "Nothing new was submitted" not in result.stdout
+    assert emulator.stats()["accepted_creates"] == 0
+    assert "sk-wrong-key-123" not in result.stdout + result.stderr
+
+
+def test_max_usd_bounds_the_whole_run_not_each_set(workdir, emulator) -> None:
+    cwd, env = workdir
+    (cwd / "configs" / "prompt_sets" / "second.yaml").write_text(TWO_SEEDS.replace("[1, 2]", "[3, 4]"))
+    # Each set is estimated at $1.05 (two 720p 5 s generations); together $2.10.
+    refused = wan_pipeline(cwd, env, "run", "--max-usd", "1.5")
+    assert refused.returncode == 1 and "Refused" in refused.stdout
+    assert emulator.stats()["accepted_creates"] == 0
+    allowed = wan_pipeline(cwd, env, "run", "--max-usd", "2.2", "--deadline", "120")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert emulator.stats()["accepted_creates"] == 4
+
+
+def test_a_badly_named_catalog_file_stops_a_run_over_the_folder(workdir, emulator) -> None:
+    cwd, env = workdir
+    (cwd / "configs" / "prompt_sets" / "Spring Campaign.yaml").write_text(TWO_SEEDS)
+    result = wan_pipeline(cwd, env, "run")
+    assert result.returncode == 1 and "Spring Campaign" in result.stdout
+    assert emulator.stats()["accepted_creates"] == 0

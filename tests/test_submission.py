@@ -370,3 +370,22 @@ def test_a_killed_submitter_leaves_a_ledger_the_rerun_completes_without_duplicat
     mid_call = ledger.row(requests[1].request_key)
     assert mid_call.state is State.IN_DOUBT and "died" in mid_call.error
     assert states(ledger, requests) == [State.SUBMITTED, State.IN_DOUBT, State.SUBMITTED, State.SUBMITTED]
+
+
+def test_a_create_the_ledger_fails_to_record_stays_in_doubt_with_its_generation_id(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path, monkeypatch
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1])
+
+    def database_gone(*args: Any, **kwargs: Any) -> None:
+        raise OSError("database unreachable")
+
+    monkeypatch.setattr(ledger, "mark_submitted", database_gone)
+    with pytest.raises(OSError):
+        submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+
+    (generation_id,) = emulator.stats()["generations"]  # it was created, and so paid for
+    (row,) = ledger.rows("harbour")
+    assert row.state is State.IN_DOUBT and generation_id in row.error
+    again = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+    assert again.new == 0 and create_calls(emulator) == 1

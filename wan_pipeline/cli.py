@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from wan_pipeline.settings import load_settings
+from wan_pipeline.settings import SettingsError, load_settings
 
 PROJECT_DIR = Path.cwd()
 # The emulator accepts any Bearer key; this one says what it is if it ever shows up somewhere.
@@ -175,8 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A shell that starts us in the background (`cmd &`) hands down SIGINT as ignored; Dagster turns
+    # SIGTERM into SIGINT, so without this a plain `kill` would not stop a run.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SettingsError as exc:
+        print(f"wan-pipeline: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

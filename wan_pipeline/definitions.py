@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
 from wan_pipeline.defs.assets import (
@@ -18,12 +16,7 @@ from wan_pipeline.defs.jobs import collect_job, submit_job
 from wan_pipeline.defs.resources import AimlApiResource, CatalogResource, LedgerResource, VideoStoreResource
 from wan_pipeline.defs.schedules import production_schedule
 from wan_pipeline.defs.sensors import generation_completion_sensor, prompt_set_sensor
-from wan_pipeline.settings import Settings, load_settings
-
-
-def _optional_float(name: str) -> float | None:
-    value = os.environ.get(name)
-    return float(value) if value else None
+from wan_pipeline.settings import Settings, env_number, load_settings
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
@@ -39,8 +32,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
             "aimlapi": AimlApiResource(
                 api_key=dg.EnvVar("AIMLAPI_API_KEY"),
                 base_url=settings.base_url,
-                max_concurrency=int(os.environ.get("WAN_PIPELINE_API_CONCURRENCY") or 8),
-                expected_seconds=_optional_float("WAN_PIPELINE_EXPECTED_SECONDS"),
+                max_concurrency=env_number("WAN_PIPELINE_API_CONCURRENCY", int, minimum=1, default=8),
+                expected_seconds=env_number("WAN_PIPELINE_EXPECTED_SECONDS", float, minimum=0.01),
             ),
             "ledger": LedgerResource(url=settings.ledger_url),
             "video_store": VideoStoreResource(root=settings.output_root),

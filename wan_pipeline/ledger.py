@@ -119,8 +119,9 @@ generations = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("claim_owner", sa.String(255)),  # hostname:pid:token of the process holding the create
     sa.Column("claimed_at", UtcDateTime()),
-    sa.Column("generation_id", sa.String(128)),
-    sa.Column("raw_status", sa.String(64)),
+    # Provider-defined strings: no length is promised, so none is imposed.
+    sa.Column("generation_id", sa.Text),
+    sa.Column("raw_status", sa.Text),
     sa.Column("planned_at", UtcDateTime(), nullable=False),
     sa.Column("submitted_at", UtcDateTime()),
     sa.Column("generating_at", UtcDateTime()),  # first poll that saw it generating

@@ -20,11 +20,12 @@ from typing import TextIO
 
 import dagster as dg
 
-from wan_pipeline.catalog import discover_prompt_sets, format_reports, validate_paths
+from wan_pipeline.catalog import discover_prompt_sets, format_reports, load_prompt_set, validate_paths
 from wan_pipeline.collection import set_progress
 from wan_pipeline.defs.sensors import STATES_TAG, collection_run_request
 from wan_pipeline.ledger import Ledger, State
 from wan_pipeline.settings import Settings
+from wan_pipeline.submission import estimate_new_spend
 
 QUIET_LOGGING = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # No pool limit here: a run killed mid-step would hold its `aimlapi` slot forever, and nothing in a
@@ -73,6 +74,7 @@ class SetOutcome:
     collected_fingerprint: str | None = None  # the set's states when a collection run last ran
     failures: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    submission_recorded: bool = True  # False: the submission stored nothing, so nothing to collect
 
     @property
     def ok(self) -> bool:
@@ -88,16 +90,21 @@ def _materialization_metadata(result: dg.ExecuteInProcessResult, asset: str) -> 
     return {}
 
 
-def _failure_message(result: dg.ExecuteInProcessResult) -> str:
-    """The first failed step's message: a `dg.Failure`'s description, else the error's first line."""
+def _failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict]:
+    """The first failed step's message and metadata: a `dg.Failure`'s description, else the first
+    line of the innermost error (the user's exception, not Dagster's wrapper around it)."""
     for event in result.all_events:
         if event.is_step_failure:
             failure = event.step_failure_data
             if failure.user_failure_data and failure.user_failure_data.description:
-                return failure.user_failure_data.description
-            if failure.error:
-                return (failure.error.message or "").strip().splitlines()[0]
-    return "run failed"
+                metadata = {k: v.value for k, v in failure.user_failure_data.metadata.items()}
+                return failure.user_failure_data.description, metadata
+            error = failure.error
+            while error is not None and error.cause is not None:
+                error = error.cause
+            if error is not None:
+                return (error.message or "").strip().splitlines()[0], {}
+    return "run failed", {}
 
 
 class PipelineRunner:
@@ -140,24 +147,54 @@ class PipelineRunner:
         if not files:
             self.say(f"No prompt sets in {self.settings.catalog_dir}.")
             return 2
-        reports = validate_paths(list(files.values()), allowed_roots=self.settings.allowed_roots)
+        # With no set named, the folder itself is validated: a file whose name is not a slug, or two
+        # files claiming one name, stop the run instead of being skipped in silence.
+        targets = [self.settings.catalog_dir] if not options.prompt_sets else list(files.values())
+        reports = validate_paths(targets, allowed_roots=self.settings.allowed_roots)
         if not all(report.ok for report in reports):
             self.say(format_reports(reports))
             self.say("Nothing was submitted: fix the catalog errors above first.")
             return 1
         names = list(files)
+        if options.max_usd is not None and not self.within_budget(files, options):
+            return 1
         missing = [n for n in names if not self.instance.has_dynamic_partition("prompt_sets", n)]
         if missing:
             self.instance.add_dynamic_partitions("prompt_sets", missing)
 
         outcomes = {name: SetOutcome(name) for name in names}
+        stop_reason = None
         for name in names:
-            self.submit(name, options, outcomes[name])
+            if stop_reason:
+                outcomes[name].errors.append(f"not submitted: {stop_reason}")
+                outcomes[name].submission_recorded = False
+                continue
+            stop_reason = self.submit(name, options, outcomes[name])
         self.wait_and_collect(outcomes, options)
         self.summarize(outcomes)
         return 0 if all(o.ok for o in outcomes.values()) else 1
 
-    def submit(self, name: str, options: RunOptions, outcome: SetOutcome) -> None:
+    def within_budget(self, files: dict[str, Path], options: RunOptions) -> bool:
+        """`--max-usd` bounds the whole run: refuse before any create when all sets together exceed it."""
+        estimate = sum(
+            estimate_new_spend(
+                self.ledger,
+                load_prompt_set(path, allowed_roots=self.settings.allowed_roots).requests,
+                resubmit_in_doubt=options.resubmit_in_doubt,
+                retry_failed=options.retry_failed,
+            )
+            for path in files.values()
+        )
+        if estimate > options.max_usd:
+            self.say(
+                f"Refused: this run would newly buy an estimated ${estimate:.4f}, above --max-usd "
+                f"${options.max_usd:.4f}. Nothing was submitted."
+            )
+            return False
+        return True
+
+    def submit(self, name: str, options: RunOptions, outcome: SetOutcome) -> str | None:
+        """Materialize the set's submission assets; returns why no further set may be submitted, if so."""
         config = {
             "retry_failed": options.retry_failed,
             "resubmit_in_doubt": options.resubmit_in_doubt,
@@ -169,12 +206,17 @@ class PipelineRunner:
             run_config={"ops": {"submitted_generations": {"config": config}}, **QUIET_LOGGING},
             raise_on_error=False,
         )
+        stop_reason = None
         if not result.success:
-            outcome.errors.append(f"submission failed: {_failure_message(result)}")
+            message, failure_metadata = _failure(result)
+            outcome.errors.append(f"submission failed: {message}")
+            if failure_metadata.get("stops_submission"):
+                stop_reason = message
         # Present even when the run failed after recording what it bought (out of credits midway).
         metadata = _materialization_metadata(result, "submitted_generations")
         if not metadata:
-            return
+            outcome.submission_recorded = False
+            return stop_reason
         outcome.new = int(metadata.get("new", 0))
         outcome.reused = int(metadata.get("reused", 0))
         outcome.requested = int(metadata.get("dagster/row_count", 0))
@@ -183,6 +225,7 @@ class PipelineRunner:
             f"{name}: {outcome.requested} generations, {outcome.new} newly submitted (${outcome.usd_new:.4f}), "
             f"{outcome.reused} reused from the ledger"
         )
+        return stop_reason
 
     def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
         # The sensor's own log lines are for the Dagster UI; here the progress line says it all.
@@ -202,7 +245,7 @@ class PipelineRunner:
         give_up_at = started + options.deadline_s
         # Even a set whose submission stopped partway (out of credits, say) is waited for: what was
         # bought before the stop is collected now, not left for a rerun to find.
-        active = set(outcomes)
+        active = {name for name, outcome in outcomes.items() if outcome.submission_recorded}
         cursor: str | None = None
         last_line = ""
         while active:
@@ -260,7 +303,7 @@ class PipelineRunner:
         )
         outcome.collected_fingerprint = request.tags[STATES_TAG]
         if not result.success:
-            outcome.errors.append(f"collection failed: {_failure_message(result)}")
+            outcome.errors.append(f"collection failed: {_failure(result)[0]}")
         for check in result.get_asset_check_evaluations():
             if not check.passed and check.severity == dg.AssetCheckSeverity.ERROR:
                 outcome.errors.append(f"check {check.check_name} failed: {check.metadata.get('details').value}")
@@ -297,5 +340,5 @@ class PipelineRunner:
                     self.say(f"NOT SUBMITTED {outcome.name}/{row.request_key}: {row.error or 'not accepted'}")
             for error in outcome.errors:
                 self.say(f"ERROR {outcome.name}: {error}")
-        if total_new == 0:
+        if total_new == 0 and all(o.submission_recorded and not o.not_submitted for o in outcomes.values()):
             self.say("Nothing new was submitted: every generation was already in the ledger ($0 spent).")

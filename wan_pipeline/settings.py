@@ -31,6 +31,24 @@ class Secret(str):
         return "***"
 
 
+class SettingsError(ValueError):
+    """An environment variable with a value the pipeline cannot use; the message names it."""
+
+
+def env_number(name: str, kind: type[int] | type[float], *, minimum: float, default: float | None = None):
+    """A numeric environment variable, checked: a clear error instead of a traceback deep in a run."""
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not a {kind.__name__}") from None
+    if value < minimum:
+        raise SettingsError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     api_key: Secret | None

@@ -95,6 +95,8 @@ def inspect_image(data: bytes, spec: ModelSpec) -> MediaInfo:
     try:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        raise MediaError(f"image declares too many pixels; allowed: each side {spec.image_min_side}-{spec.image_max_side} px") from None
     except (UnidentifiedImageError, OSError) as exc:
         # Pillow's "cannot identify" message names the BytesIO object (a memory address): useless and unstable.
         reason = "unrecognised format" if isinstance(exc, UnidentifiedImageError) else exc

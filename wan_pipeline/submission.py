@@ -12,6 +12,7 @@ back to `planned` when it was surely not accepted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -125,6 +126,31 @@ def planned_request(request: CatalogRequestLike) -> PlannedRequest:
     )
 
 
+def requeue_states(*, resubmit_in_doubt: bool, retry_failed: bool) -> frozenset[State]:
+    """The states a submission may buy again: only those the user explicitly asked for."""
+    asked = ((State.IN_DOUBT, resubmit_in_doubt), (State.FAILED, retry_failed))
+    return frozenset(state for state, yes in asked if yes)
+
+
+def would_create(state: State | None, requeue_from: frozenset[State]) -> bool:
+    """Whether a request in `state` (None: unknown to the ledger) is created by a submission."""
+    return state is None or state == State.PLANNED or state in requeue_from
+
+
+def estimate_new_spend(
+    ledger: Ledger,
+    requests: Iterable[CatalogRequestLike],
+    *,
+    resubmit_in_doubt: bool = False,
+    retry_failed: bool = False,
+) -> float:
+    """Estimated USD of what submitting `requests` would newly buy. Reads the ledger, writes nothing."""
+    unique = {r.request_key: r for r in requests}
+    states = {row.request_key: row.state for row in ledger.rows_for_keys(unique)}
+    requeue_from = requeue_states(resubmit_in_doubt=resubmit_in_doubt, retry_failed=retry_failed)
+    return sum(r.estimated_usd for key, r in unique.items() if would_create(states.get(key), requeue_from))
+
+
 def plan_submission(
     ledger: Ledger,
     prompt_set: str,
@@ -146,13 +172,11 @@ def plan_submission(
         unique.setdefault(request.request_key, request)
     result = ledger.plan(prompt_set, [planned_request(r) for r in unique.values()])
     states = {key: State.PLANNED for key in result.new} | result.known
-    requeue_from = frozenset(
-        state for state, asked in ((State.IN_DOUBT, resubmit_in_doubt), (State.FAILED, retry_failed)) if asked
-    )
+    requeue_from = requeue_states(resubmit_in_doubt=resubmit_in_doubt, retry_failed=retry_failed)
     plan = SubmissionPlan(prompt_set, [], [], [], [], [], requeue_from)
     for request in unique.values():
         key, state = request.request_key, states[request.request_key]
-        if state == State.PLANNED or state in requeue_from:
+        if would_create(state, requeue_from):
             plan.to_submit.append(request)
         elif state == State.IN_DOUBT:
             plan.in_doubt.append(key)
@@ -226,6 +250,8 @@ async def submit_planned(
             if stop_reasons:
                 report.failed_to_submit.append((key, f"not sent: creating stopped after {stop_reasons[0]}"))
                 return
+            # Everything that can fail without sending is done before the claim.
+            expected = await asyncio.to_thread(expected_seconds, request.request)
             # Claim only once a slot is free: a claim held while waiting would become a false
             # in-doubt row if this process died before sending.
             claim = await asyncio.to_thread(ledger.claim, key)
@@ -243,7 +269,6 @@ async def submit_planned(
                 if not _is_expected_create_failure(exc):
                     raise
                 return
-            expected = expected_seconds(request.request)
             next_poll_at = now_fn() + timedelta(seconds=schedule.next_delay(0.0, 0, expected))
             try:
                 await asyncio.to_thread(
@@ -262,6 +287,14 @@ async def submit_planned(
                     generation.id,
                     key,
                 )
+                raise
+            except Exception as exc:
+                # The create was accepted (paid) but the ledger could not record it: keep the id
+                # where a person will see it, and the row in doubt rather than submitting.
+                log.error("generation %s was created for %s but the ledger write failed: %s", generation.id, key, exc)
+                note = f"created as generation {generation.id}, but recording it failed: {exc}"
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(ledger.mark_in_doubt, key, note)
                 raise
             report.new += 1
             report.credits_used += generation.credits_used or 0.0

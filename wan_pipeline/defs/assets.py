@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import dagster as dg
 import pandas as pd
 
+from wan_pipeline.api import AuthenticationError
 from wan_pipeline.catalog import CatalogError, requests_from_dataframe
 from wan_pipeline.collection import collect_videos
 from wan_pipeline.ledger import LedgerRow, State
@@ -135,6 +136,11 @@ def submitted_generations(
         )
     except BudgetExceeded as exc:
         raise dg.Failure(description=str(exc)) from None
+    except AuthenticationError as exc:
+        raise dg.Failure(
+            description=f"The API rejected the key (401): check AIMLAPI_API_KEY. Nothing was created. {exc.message}",
+            metadata={"stops_submission": True},
+        ) from None
     rows = store.rows_for_keys(r.request_key for r in requests)
     frame = _rows_frame(rows)
     metadata = {
@@ -165,6 +171,7 @@ def submitted_generations(
         raise dg.Failure(
             description=f"The API answered 403 (out of credits): submission stopped after {report.new} new "
             f"generation(s); {len(report.failed_to_submit)} were not sent and not charged.",
+            metadata={"stops_submission": True},
         )
 
 
