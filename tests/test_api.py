@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hashlib
 import io
@@ -850,3 +851,22 @@ def test_config_from_settings_with_overrides() -> None:
     config = ClientConfig.from_settings(settings, max_attempts=2)
     assert (config.base_url, config.max_attempts) == ("http://127.0.0.1:9", 2)
     assert config.api_key is not None and config.api_key.reveal() == "sk-from-env"
+
+
+def test_a_local_image_is_encoded_once_until_it_changes(tmp_path, monkeypatch) -> None:
+    from PIL import Image
+
+    from wan_pipeline import sources
+
+    path = tmp_path / "frame.png"
+    Image.new("RGB", (400, 400), (10, 20, 30)).save(path)
+    reads: list[Path] = []
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real_read(self))
+
+    first = sources.wire_reference(str(path), "image", WAN_2_6_I2V)
+    assert sources.wire_reference(str(path), "image", WAN_2_6_I2V) == first and len(reads) == 1
+    Image.new("RGB", (500, 400), (200, 20, 30)).save(path)  # edited in place: new size and mtime
+    changed = sources.wire_reference(str(path), "image", WAN_2_6_I2V)
+    assert changed != first and len(reads) == 2
+    assert base64.b64decode(changed.split(",", 1)[1]) == path.read_bytes()

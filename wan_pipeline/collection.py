@@ -173,9 +173,17 @@ def collect_videos(
     todo = [(r, rows[r.request_key]) for r in requests if r.request_key in rows and rows[r.request_key].state == State.COMPLETED]
     report = CollectReport()
 
+    # Bounded like the API calls: hundreds of streams queued at once in the connection pool only
+    # time out waiting for a connection.
+    slots = asyncio.Semaphore(config.max_concurrency)
+
+    async def collect_one(request: CatalogRequest, row: LedgerRow, client: AsyncAimlApiClient) -> None:
+        async with slots:
+            await _collect_one(ledger, client, store, request, row, report)
+
     async def run() -> None:
         async with AsyncAimlApiClient(config) as client:
-            await asyncio.gather(*(_collect_one(ledger, client, store, r, row, report) for r, row in todo))
+            await asyncio.gather(*(collect_one(r, row, client) for r, row in todo))
 
     if todo:
         asyncio.run(run())

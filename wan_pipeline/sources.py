@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 from collections.abc import Sequence
@@ -159,11 +160,30 @@ def load_media(
     return data, info
 
 
+@functools.lru_cache(maxsize=32)
+def _local_data_uri(path: Path, size: int, mtime_ns: int, kind: str, spec: ModelSpec) -> str:
+    # Keyed by size and mtime too: an image edited in place is read and checked again.
+    data = path.read_bytes()
+    info = inspect_image(data, spec) if kind == "image" else inspect_audio(data, spec)
+    return to_data_uri(data, info.mime)
+
+
 def wire_reference(
     ref: str, kind: str, spec: ModelSpec, *, base_dir: Path | None = None, allowed_roots: Sequence[Path] = ()
 ) -> str:
-    """What goes into the create body for a reference: http(s) unchanged, anything else a data URI."""
+    """What goes into the create body for a reference: http(s) unchanged, anything else a data URI.
+
+    A set usually reuses a few images across many generations: a local file is read, checked and
+    encoded once (per content version), not once per create.
+    """
     if is_http_url(ref):
         return ref
+    if not is_data_uri(ref) and (not has_scheme(ref) or ref.startswith("file://")):
+        path = resolve_local_path(ref.removeprefix("file://"), base_dir, allowed_roots)
+        try:
+            stat = path.stat()
+            return _local_data_uri(path, stat.st_size, stat.st_mtime_ns, kind, spec)
+        except OSError as exc:
+            raise MediaError(f"cannot read {ref!r}: {exc.__class__.__name__}: {exc}") from None
     data, info = load_media(ref, kind, spec, base_dir=base_dir, allowed_roots=allowed_roots)
     return to_data_uri(data, info.mime)
