@@ -33,7 +33,7 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
                 api_key=dg.EnvVar("AIMLAPI_API_KEY"),
                 base_url=settings.base_url,
                 max_concurrency=env_number("WAN_PIPELINE_API_CONCURRENCY", int, minimum=1, default=8),
-                expected_seconds=env_number("WAN_PIPELINE_EXPECTED_SECONDS", float, minimum=0.01),
+                expected_seconds=env_number("WAN_PIPELINE_EXPECTED_SECONDS", float, minimum=0),
             ),
             "ledger": LedgerResource(url=settings.ledger_url),
             "video_store": VideoStoreResource(root=settings.output_root),
