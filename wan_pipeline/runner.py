@@ -228,8 +228,6 @@ class PipelineRunner:
         return stop_reason
 
     def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
-        # The sensor's own log lines are for the Dagster UI; here the progress line says it all.
-        logging.getLogger("dagster").setLevel(logging.WARNING)
         context = dg.build_sensor_context(
             instance=self.instance,
             cursor=cursor,
@@ -237,7 +235,12 @@ class PipelineRunner:
             sensor_name=self.completion_sensor.name,
             resources=self.defs.resources,
         )
-        result = self.completion_sensor(context)
+        # The sensor's own INFO lines are for the Dagster UI; here the progress line says it all.
+        logging.disable(logging.INFO)
+        try:
+            result = self.completion_sensor(context)
+        finally:
+            logging.disable(logging.NOTSET)
         return result.cursor, list(result.run_requests or [])
 
     def wait_and_collect(self, outcomes: dict[str, SetOutcome], options: RunOptions) -> None:
@@ -262,9 +265,9 @@ class PipelineRunner:
                     active.discard(name)
             if not active:
                 break
-            line = self._progress_line(active, time.monotonic() - started)
-            if line != last_line:
-                self.say(line)
+            line = self._progress_line(active)
+            if line != last_line:  # printed when the counts change, not on every tick
+                self.say(f"[{time.monotonic() - started:6.1f}s] {line}")
                 last_line = line
             if time.monotonic() >= give_up_at:
                 for name in active:
@@ -284,14 +287,14 @@ class PipelineRunner:
             wait = min(wait, max(0.0, (next_poll - datetime.now(UTC)).total_seconds()))
         time.sleep(max(0.05, min(wait, give_up_at - time.monotonic())))
 
-    def _progress_line(self, active: set[str], elapsed: float) -> str:
+    def _progress_line(self, active: set[str]) -> str:
         parts = []
         for name in sorted(active):
             counts = self.ledger.summary(name).counts
             done = counts.get(State.COMPLETED, 0) + counts.get(State.FAILED, 0)
             pending = sum(counts.get(s, 0) for s in (State.SUBMITTING, State.SUBMITTED, State.GENERATING))
             parts.append(f"{name} {done} done / {pending} pending")
-        return f"[{elapsed:6.1f}s] waiting: " + "; ".join(parts)
+        return "waiting: " + "; ".join(parts)
 
     def collect(self, request: dg.RunRequest, outcome: SetOutcome) -> None:
         result = self.collect_job.execute_in_process(
