@@ -317,8 +317,9 @@ class PipelineRunner:
         self.say(header)
         self.say("-" * len(header))
         total_new = 0
+        rows_by_set = {name: self.ledger.rows(name) for name in outcomes}
         for name, outcome in outcomes.items():
-            rows = self.ledger.rows(name)
+            rows = rows_by_set[name]
             counts = {state: sum(r.state == state for r in rows) for state in State}
             outcome.completed = counts[State.COMPLETED]
             outcome.failed = counts[State.FAILED] + counts[State.REJECTED]
@@ -335,7 +336,7 @@ class PipelineRunner:
         for outcome in outcomes.values():
             for key, message in outcome.failures:
                 self.say(f"FAILED {outcome.name}/{key}: {message}")
-            for row in self.ledger.rows(outcome.name):
+            for row in rows_by_set[outcome.name]:
                 if row.state == State.IN_DOUBT:
                     self.say(f"IN DOUBT {outcome.name}/{row.request_key}: {row.error} "
                              "(may be paid; rerun with --resubmit-in-doubt to buy it again)")
