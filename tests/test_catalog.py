@@ -119,7 +119,7 @@ def test_load_raises_every_problem_that_validate_reports():
         ("grid_list.yaml", "grid: [img.png]\n", "line 1", "grid: got ['img.png'], allowed: a mapping"),
         ("grid_half.yaml", "grid:\n  images: [img.png]\n", "line 1", "grid: `prompts` is missing"),
         ("grid_axis.yaml", "grid:\n  images: img.png\n  prompts: [p]\n", "line 2", "images: got 'img.png', allowed: a non-empty list"),
-        ("grid_singular.yaml", "grid:\n  images: [img.png]\n  prompts: [p]\n  seed: [1]\n", "line 4", "write `seeds` as a list"),
+        ("grid_singular.yaml", "grid:\n  images: [img.png]\n  prompts: [p]\n  seed: [1]\n", "line 4", "seed: unknown grid field, did you mean 'seeds'?"),
         ("both_seeds.yaml", "items:\n  - image: img.png\n    prompt: p\n    seed: 1\n    seeds: [2]\n", "line 5", "`seed` and `seeds` are both given"),
         ("empty_seeds.yaml", "items:\n  - image: img.png\n    prompt: p\n    seeds: []\n", "line 4", "seeds: got [], allowed: a non-empty list"),
         ("twice.yaml", "items:\n  - image: img.png\n    prompt: p\n    prompt: q\n", "line 4", "prompt: written twice"),
@@ -130,7 +130,7 @@ def test_load_raises_every_problem_that_validate_reports():
         ("model.yaml", "defaults:\n  model: [x]\nitems:\n  - {image: img.png, prompt: p}\n", "line 2", "model: got ['x']"),
         ("long.yaml", f"items:\n  - image: img.png\n    prompt: {'x' * 1501}\n", "line 3", "prompt: got '<1501 characters>', allowed: at most 1500"),
         ("quoted.yaml", "items:\n  - image: img.png\n    prompt: p\n    duration: '5'\n", "line 4", "duration: got '5'"),
-        ("no_image.yaml", "items:\n  - prompt: p\n", "line 2", "image: got None"),
+        ("no_image.yaml", "items:\n  - prompt: p\n", "line 2", "image: missing, allowed:"),
         ("semicolon.csv", "image;prompt\nimg.png;p\n", "row 1", "image: required column is missing"),
         ("nameless.csv", "image,prompt,\nimg.png,p,x\n", "row 1", "column 3 has no name"),
         ("twice.csv", "image,prompt,seed,seed\nimg.png,p,1,2\n", "row 1", "seed: column given twice"),
@@ -380,8 +380,10 @@ def test_paths_outside_the_allowed_roots_are_never_read(tmp_path, outside_image,
 def test_allowed_roots_extend_where_images_may_live(tmp_path, outside_image, monkeypatch):
     path = write_set(tmp_path / "catalog", "s.yaml", f"items:\n  - image: {outside_image}\n    prompt: p\n")
     assert load_prompt_set(path, allowed_roots=[outside_image.parent]).requests[0].request.image_url == str(outside_image)
+    # The catalog reads no environment: the CLI and the Dagster resource pass the settings' roots.
     monkeypatch.setenv("WAN_PIPELINE_ALLOWED_ROOTS", str(outside_image.parent))
-    assert load_prompt_set(path).requests[0].image_sha256 == sources.sha256_hex(outside_image.read_bytes())
+    [problem] = problems_of(path)
+    assert "outside the allowed roots" in problem.message
 
 
 def test_ten_thousand_rows_inspect_each_image_once(tmp_path, monkeypatch):
@@ -489,8 +491,8 @@ def test_only_usable_names_are_discovered_and_the_rest_reported(tmp_path):
 
 
 def test_validate_command_prints_counts_costs_and_errors(capsys, monkeypatch, tmp_path):
-    monkeypatch.delenv("WAN_PIPELINE_CATALOG_DIR", raising=False)
-    assert validate_command([]) == 0  # default: WAN_PIPELINE_CATALOG_DIR, else configs/prompt_sets
+    monkeypatch.setenv("WAN_PIPELINE_CATALOG_DIR", str(tmp_path))  # not read: the CLI passes catalog_dir
+    assert validate_command([]) == 0  # default: configs/prompt_sets
     out = capsys.readouterr().out
     assert "spring_campaign (configs/prompt_sets/spring_campaign.yaml): 5 generations, est. $2.625*" in out
     assert "total: 2 sets, 7 generations, est. $3.675*; all valid" in out
@@ -499,8 +501,7 @@ def test_validate_command_prints_counts_costs_and_errors(capsys, monkeypatch, tm
     out = capsys.readouterr().out
     assert "tests/fixtures/catalogs/broken.csv:row 2: generate_audio: got 'maybe'" in out
 
-    monkeypatch.setenv("WAN_PIPELINE_CATALOG_DIR", str(tmp_path))
-    assert validate_command([]) == 1
+    assert validate_command([], catalog_dir=tmp_path) == 1
     assert "no prompt-set files" in capsys.readouterr().out
     assert validate_command(["no/such/set.yaml"]) == 1
 
