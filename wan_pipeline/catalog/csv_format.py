@@ -5,7 +5,6 @@ numbered as a spreadsheet shows them (the header is row 1, blank rows keep their
 from __future__ import annotations
 
 import csv
-import io
 import re
 from collections.abc import Iterator
 
@@ -18,6 +17,7 @@ CSV_INTEGERS = ("duration", "seed")
 CSV_BOOLEANS = ("generate_audio", "enhance_prompt")
 CSV_TRUE, CSV_FALSE = ("true", "yes", "1"), ("false", "no", "0")
 CSV_BOOL_ALLOWED = "true | false | yes | no | 1 | 0"
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$")
 
 
 class _MalformedCsv(Exception):
@@ -28,7 +28,9 @@ class _MalformedCsv(Exception):
 
 def _rows(text: str) -> Iterator[tuple[int, list[str]]]:
     """(row number, cells) of every non-blank row; _MalformedCsv names the row the reader stopped at."""
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # Lines cut as `newline=""` would cut them, as views of `text`: an io.StringIO would hold a
+    # second, four-byte-per-character copy of a file that may be MAX_FILE_BYTES long.
+    reader = csv.reader(match.group() for match in _LINE.finditer(text))
     number = 0
     try:
         for number, cells in enumerate(reader, start=1):
