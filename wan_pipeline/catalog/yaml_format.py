@@ -110,8 +110,8 @@ def parse_yaml(text: str, log: ProblemLog, limits: CatalogLimits) -> YamlDocumen
         mark = exc.problem_mark or exc.context_mark
         detail = ", ".join(part for part in (exc.context, exc.problem) if part) or str(exc)
         log.add(f"line {mark.line + 1}" if mark else None, f"malformed YAML: {detail}")
-    except yaml.YAMLError as exc:
-        log.add(None, f"malformed YAML: {exc}")
+    except yaml.YAMLError as exc:  # its message spans lines: one line per problem
+        log.add(None, f"malformed YAML: {' '.join(str(exc).split())}")
     except RecursionError:
         log.add(None, "malformed YAML: nested too deeply")
     finally:
