@@ -35,5 +35,7 @@ lint: $(STAMP)
 lock:
 	uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 
+# Everything the project made locally: the virtualenv, the demo's own ledger, outputs and Dagster home
+# (data/demo), and the ledger, outputs and Dagster instance of `wan-pipeline run`/`dev`.
 clean:
-	rm -rf $(VENV) data/outputs data/ledger.sqlite* .dagster_home
+	rm -rf $(VENV) data/demo data/outputs data/ledger.sqlite* .dagster_home

@@ -11,6 +11,7 @@ from conftest import EMULATOR_API_KEY
 
 from wan_pipeline.definitions import build_definitions
 from wan_pipeline.ledger import Ledger
+from wan_pipeline.scopes import scope_in_use
 from wan_pipeline.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ class Project:
 
     @property
     def ledger(self) -> Ledger:
-        return Ledger(self.settings.ledger_url)
+        return Ledger(self.settings.ledger_url, scope=scope_in_use(self.settings))
 
     def write_set(self, name: str, text: str) -> Path:
         path = self.catalog_dir / name

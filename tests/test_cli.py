@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import EMULATOR_API_KEY
 from pipeline_support import REPO, TWO_SEEDS
+
+from wan_pipeline.emulator import EmulatorConfig, running_emulator
+from wan_pipeline.scopes import api_origin
 
 
 @pytest.fixture
@@ -126,7 +131,7 @@ def test_a_rejected_key_is_named_and_nothing_is_bought_or_collected(workdir, emu
 
     assert result.returncode == 1
     assert "rejected the key (401)" in result.stdout
-    assert "ERROR second: not submitted: The API rejected the key" in result.stdout
+    assert "ERROR second: not submitted: Submission stopped: the API rejected the key (401)" in result.stdout
     assert "collection failed" not in result.stdout and "Nothing new was submitted" not in result.stdout
     assert emulator.stats()["accepted_creates"] == 0
     assert "sk-wrong-key-123" not in result.stdout + result.stderr
@@ -150,3 +155,104 @@ def test_a_badly_named_catalog_file_stops_a_run_over_the_folder(workdir, emulato
     result = wan_pipeline(cwd, env, "run")
     assert result.returncode == 1 and "Spring Campaign" in result.stdout
     assert emulator.stats()["accepted_creates"] == 0
+
+
+def total_usd(output: str) -> float:
+    """The USD of the last line starting with `total` (the status and run summaries end with one)."""
+    (line,) = [line for line in output.splitlines() if line.startswith("total")][-1:]
+    return float(line.split("$", 1)[1].split()[0])
+
+
+def test_the_demo_keeps_its_own_ledger_so_a_run_against_another_api_buys_everything_there(
+    workdir, emulator
+) -> None:
+    cwd, env = workdir
+    demo_env = {k: v for k, v in env.items() if k not in ("AIMLAPI_API_KEY", "AIMLAPI_BASE_URL")}
+    demo = wan_pipeline(cwd, demo_env, "demo", "--latency", "0.5", "--deadline", "120")
+    assert demo.returncode == 0, demo.stdout + demo.stderr
+    assert len(list((cwd / "data" / "demo" / "outputs" / "launch").glob("*.mp4"))) == 2
+    assert not (cwd / "data" / "ledger.sqlite").exists()
+
+    # Another implementation of the API (the emulator, not announcing itself): bought there, for real.
+    other = EmulatorConfig(latency_s=0.5, seed=3, identify=False)
+    with running_emulator(other) as another_api:
+        run = wan_pipeline(cwd, {**env, "AIMLAPI_BASE_URL": another_api.base_url}, "run", "--deadline", "120")
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert "launch: 2 generations, 2 newly submitted" in run.stdout
+        assert another_api.stats()["accepted_creates"] == 2
+        assert run_total := total_usd(run.stdout)
+        assert run_total == pytest.approx(another_api.stats()["credits_charged"] / 2_000_000)
+        sidecars = [json.loads(p.read_text()) for p in (cwd / "data" / "outputs" / "launch").glob("*.json")]
+        assert {s["api"]["scope"] for s in sidecars} == {api_origin(another_api.base_url)}
+
+
+def test_status_total_equals_what_the_api_charged_after_retries_and_resubmits(workdir, emulator) -> None:
+    cwd, env = workdir
+    emulator.update_faults(create_503_rate=0.5, create_504_rate=0.3)  # retried; in doubt, not created
+    first = wan_pipeline(cwd, env, "run", "--deadline", "120")
+    emulator.update_faults(create_503_rate=0.0, create_504_rate=0.0, error_rate=1.0)
+    wan_pipeline(cwd, env, "run", "--resubmit-in-doubt", "all", "--deadline", "120")
+    emulator.update_faults(error_rate=0.0)
+    last = wan_pipeline(cwd, env, "run", "--retry-failed", "--resubmit-in-doubt", "launch", "--deadline", "120")
+    assert last.returncode == 0, first.stdout + last.stdout + last.stderr
+
+    status = wan_pipeline(cwd, env, "status")
+    charged = emulator.stats()["credits_charged"]
+    assert emulator.stats()["accepted_creates"] >= 4  # two bought, failed, bought again
+    assert total_usd(status.stdout) == pytest.approx(charged / 2_000_000), status.stdout
+    assert status.stdout.splitlines()[0] == "== API emulator (in use)"
+
+
+def test_a_401_after_one_create_is_reported_with_its_cost_and_collected(workdir, emulator) -> None:
+    cwd, env = workdir
+    emulator.update_faults(auth_fail_after_creates=1)
+    result = wan_pipeline(cwd, env, "run", "--deadline", "120")
+
+    assert result.returncode == 1
+    assert emulator.stats()["accepted_creates"] == 1
+    assert "launch: 2 generations, 1 newly submitted ($0.5250)" in result.stdout
+    assert "rejected the key (401)" in result.stdout and "Bought 1 generation(s) for $0.5250" in result.stdout
+    assert "Nothing was created" not in result.stdout
+    assert len(list((cwd / "data" / "outputs" / "launch").glob("*.mp4"))) == 1  # what was bought is collected
+    assert total_usd(result.stdout) == pytest.approx(0.525)
+
+
+def test_a_dry_run_writes_buys_and_collects_nothing(workdir, emulator) -> None:
+    cwd, env = workdir
+    dry = wan_pipeline(cwd, env, "run", "--dry-run")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "launch: 2 generation(s); would newly buy 2 (estimated $1.0500), reuse 0 ($0)" in dry.stdout
+    assert emulator.stats()["requests"] == {} or emulator.stats()["accepted_creates"] == 0
+    assert not (cwd / "dagster_home" / "history").exists() and not (cwd / "data" / "outputs").exists()
+    status = wan_pipeline(cwd, env, "status")
+    assert "nothing bought yet" in status.stdout or "no purchases" in status.stdout
+
+    assert wan_pipeline(cwd, env, "run", "--deadline", "120").returncode == 0
+    again = wan_pipeline(cwd, env, "run", "--dry-run")
+    assert "would newly buy 0 (estimated $0.0000), reuse 2 ($0)" in again.stdout
+
+
+def test_validate_shows_what_would_be_newly_bought_against_the_ledger(workdir, emulator) -> None:
+    cwd, env = workdir
+    assert wan_pipeline(cwd, env, "run", "--deadline", "120").returncode == 0
+    (cwd / "configs" / "prompt_sets" / "launch.yaml").write_text(TWO_SEEDS.replace("[1, 2]", "[1, 2, 3]"))
+    validate = wan_pipeline(cwd, env, "validate")
+    assert validate.returncode == 0, validate.stdout
+    assert "launch: would newly buy 1 of 3 (est. $0.5250 of $1.5750); 2 already bought" in validate.stdout
+
+
+def test_ledger_upgrade_and_a_ledger_newer_than_the_code(workdir, emulator) -> None:
+    cwd, env = workdir
+    ledger_file = cwd / "data" / "ledger.sqlite"
+    ledger_file.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "tests" / "fixtures" / "ledger" / "ledger_aa9253d.sqlite", ledger_file)
+    upgraded = wan_pipeline(cwd, env, "ledger", "upgrade")
+    assert upgraded.returncode == 0 and "from no revision to 0002_scopes_attempts" in upgraded.stdout
+    assert "is at the newest schema" in wan_pipeline(cwd, env, "ledger", "upgrade").stdout
+    status = wan_pipeline(cwd, env, "status")
+    assert "== API legacy; never reused automatically" in status.stdout
+
+    with sqlite3.connect(ledger_file) as db:
+        db.execute("UPDATE wan_ledger_version SET version_num = '0099_from_the_future'")
+    newer = wan_pipeline(cwd, env, "status")
+    assert newer.returncode == 2 and "0099_from_the_future" in newer.stderr and "Traceback" not in newer.stderr

@@ -241,9 +241,18 @@ def test_budget_guard_and_dry_run_submit_nothing(project: Project) -> None:
 
     dry = project.submit(SET, dry_run=True)
     assert dry.success
-    metadata = materialization(dry, "submitted_generations")
-    assert metadata["new"] == 0 and metadata["would_spend_usd"] == pytest.approx(1.05)
-    assert project.accepted_creates() == 0
+    # Nothing materialized, nothing written: the plan is an observation and a log line.
+    assert not any(
+        e.asset_key == dg.AssetKey("submitted_generations") for e in dry.get_asset_materialization_events()
+    )
+    (observation,) = [
+        e.asset_observation_data.asset_observation for e in dry.all_events if e.event_type_value == "ASSET_OBSERVATION"
+    ]
+    assert observation.metadata["would_buy"].value == 2
+    assert observation.metadata["would_spend_usd"].value == pytest.approx(1.05)
+    assert project.accepted_creates() == 0 and project.ledger.rows() == []
+    # ... so the completion sensor has nothing to collect.
+    assert not project.tick("generation_completion_sensor").run_requests
 
 
 def test_an_invalid_catalog_fails_before_anything_is_submitted(project: Project) -> None:
@@ -289,3 +298,33 @@ def test_expired_video_urls_are_refreshed_by_polling_again(tmp_path, monkeypatch
         metadata = materialization(collected, "downloaded_videos")
         assert metadata["downloaded"] == 2 and metadata["refreshed_urls"] >= 2
         assert len(list((tmp_path / "outputs" / SET).glob("*.mp4"))) == 2
+
+
+def test_a_request_shared_by_a_second_set_is_copied_from_the_store_not_downloaded(tmp_path, monkeypatch) -> None:
+    # Signed URLs that live half a second, and the first set collected before the second is submitted:
+    # the second set's video must come from the store, with no call to the provider at all.
+    config = EmulatorConfig(latency_s=0.3, url_ttl_s=0.5, api_key=EMULATOR_API_KEY, small_frames=True)
+    with running_emulator(config) as emulator, dg.instance_for_test() as instance:
+        project = make_project(tmp_path, emulator, monkeypatch, instance)
+        project.write_set(f"{SET}.yaml", TWO_SEEDS)
+        assert run_sensor_path(project).success
+        project.write_set("reprise.yaml", TWO_SEEDS.replace("[1, 2]", "[2]"))
+        assert project.submit("reprise").success
+        time.sleep(0.6)  # let the recorded URLs expire (setup, not a timing assertion)
+        emulator.reset_stats()
+
+        result, _ = tick_until_collect_requested(project)
+        assert "reprise" in [r.partition_key for r in result.run_requests]
+        collected = project.collect("reprise")
+
+        assert collected.success
+        metadata = materialization(collected, "downloaded_videos")
+        assert (metadata["downloaded"], metadata["copied_from_other_sets"]) == (0, 1)
+        assert emulator.stats()["requests"] == {}  # no poll, no download, no create
+        (video,) = (tmp_path / "outputs" / "reprise").glob("*.mp4")
+        original = tmp_path / "outputs" / SET / video.name
+        assert video.read_bytes() == original.read_bytes()
+        sidecar = json.loads(video.with_suffix(".json").read_text())
+        assert sidecar["reused_from"]["prompt_set"] == SET and sidecar["cost"]["usd_spent_by_this_set"] == 0.0
+        checks = {c.check_name: c.passed for c in collected.get_asset_check_evaluations()}
+        assert checks["videos_match_requests"]

@@ -7,10 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 import pytest
+from ledger_moves import submit_row
 from pipeline_support import TWO_SEEDS, Project, make_project
 
-from wan_pipeline import collection, polling
-from wan_pipeline.ledger import Ledger, PlannedRequest, State, generations
+from wan_pipeline import polling
+from wan_pipeline.ledger import COLLECT_EARLY_AFTER, Ledger, PlannedRequest, SetProgress, State, generations
+from wan_pipeline.ledger import store as ledger_store
 
 SET = "launch"
 
@@ -18,15 +20,11 @@ SET = "launch"
 def submitted_with_unknown_id(ledger: Ledger, key: str, submitted_ago: timedelta) -> None:
     """A ledger row whose generation the provider answers 404 for, submitted `submitted_ago`."""
     ledger.plan(SET, [PlannedRequest(key, "alibaba/wan-2-6-i2v", {"prompt": "p"}, 0.5, None)])
-    ledger.claim(key)
-    ledger.mark_submitted(
-        key, "unknown-generation-id", raw_status="queued", credits_used=None, usd_spent=None,
-        next_poll_at=datetime(2000, 1, 1, tzinfo=UTC),
-    )
+    submit_row(ledger, key, "unknown-generation-id", prompt_set=SET)
     with ledger._writer.begin() as conn:  # backdate the submission: the ledger has no API for it
         conn.execute(
             generations.update()
-            .where(generations.c.request_key == key)
+            .where(generations.c.request_key == key, generations.c.api_scope == ledger.scope)
             .values(submitted_at=datetime.now(UTC) - submitted_ago)
         )
 
@@ -36,7 +34,7 @@ def make_due(ledger: Ledger, key: str) -> None:
 
 
 def test_a_404_is_retried_and_fails_only_when_it_persists_long_after_the_create(tmp_path, client_config) -> None:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}", scope="emulator")
     young, old = f"{1:032x}", f"{2:032x}"
     submitted_with_unknown_id(ledger, young, timedelta(minutes=1))
     submitted_with_unknown_id(ledger, old, polling.NOT_FOUND_GRACE + timedelta(minutes=1))
@@ -57,13 +55,17 @@ def test_a_404_is_retried_and_fails_only_when_it_persists_long_after_the_create(
 
 def test_finished_videos_wait_for_a_straggler_only_so_long() -> None:
     now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-    waiting = collection.SetProgress("s", total=3, pending=1, uncollected=2, fingerprint="f",
-                                     oldest_uncollected_at=now - timedelta(minutes=2))
+
+    def progress(oldest_uncollected_at=None, **counts: int) -> SetProgress:
+        return SetProgress("s", {**dict.fromkeys(State, 0), **{State(k): v for k, v in counts.items()}},
+                           collected=0, fingerprint="f", oldest_uncollected_at=oldest_uncollected_at)
+
+    waiting = progress(now - timedelta(minutes=2), generating=1, completed=2)
     assert not waiting.should_collect(now)
-    assert waiting.should_collect(now + collection.COLLECT_EARLY_AFTER)
-    nothing_finished = collection.SetProgress("s", total=3, pending=3, uncollected=0, fingerprint="f")
+    assert waiting.should_collect(now + COLLECT_EARLY_AFTER)
+    nothing_finished = progress(generating=3)
     assert not nothing_finished.should_collect(now + timedelta(days=1))
-    all_terminal = collection.SetProgress("s", total=3, pending=0, uncollected=0, fingerprint="f")
+    all_terminal = progress(completed=2, failed=1)
     assert all_terminal.should_collect(now)
 
 
@@ -80,8 +82,12 @@ def test_a_stuck_generation_does_not_keep_the_sets_finished_videos_from_being_co
     assert project.submit(SET).success
     stuck, done = (r.request_key for r in project.ledger.rows(SET))
     with project.ledger._writer.begin() as conn:  # the provider will never finish this one
-        conn.execute(generations.update().where(generations.c.request_key == stuck).values(generation_id="stuck-id"))
-    monkeypatch.setattr(collection, "COLLECT_EARLY_AFTER", timedelta(0))
+        conn.execute(
+            generations.update()
+            .where(generations.c.request_key == stuck, generations.c.api_scope == project.ledger.scope)
+            .values(generation_id="stuck-id")
+        )
+    monkeypatch.setattr(ledger_store, "COLLECT_EARLY_AFTER", timedelta(0))
 
     cursor, request = None, None
     for _ in range(100):

@@ -112,7 +112,7 @@ def wait_until_collection_is_requested(project: Project) -> None:
         if any(r.partition_key == PROMPT_SET for r in result.run_requests or []):
             return
         time.sleep(0.2)
-    pytest.fail(f"no collection requested within {COMPLETION_DEADLINE_S:.0f} s: {project.ledger.summary(PROMPT_SET)}")
+    pytest.fail(f"no collection requested within {COMPLETION_DEADLINE_S:.0f} s: {project.ledger.progress(PROMPT_SET)}")
 
 
 def test_deploy_config_sets_the_queue_and_the_api_pool(pg_instance: dg.DagsterInstance) -> None:
@@ -159,7 +159,7 @@ def test_prompt_set_runs_end_to_end_on_postgres(
             assert [record.run_id for record in records] == [run_id], asset
 
     # Read from the PostgreSQL ledger directly: rows left in a SQLite ledger would not be found here.
-    with closing(Ledger(postgres_database)) as ledger:
+    with closing(Ledger(postgres_database, scope=project.ledger.scope)) as ledger:
         rows = ledger.rows(PROMPT_SET)
     assert len(rows) == 2
     assert all(row.state == State.COMPLETED for row in rows)

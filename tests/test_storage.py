@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from upath import UPath
 
-from wan_pipeline.storage import VideoStore, atomic_writer, file_sha256
+from wan_pipeline.storage import HOST_TAG, VideoStore, atomic_writer, file_sha256, temporary_path
 
 KEY = "0123456789abcdef" * 2
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8
@@ -178,3 +178,42 @@ def test_missing_video_is_not_verified(root: UPath) -> None:
 
 def test_repr_shows_the_root(root: UPath) -> None:
     assert repr(VideoStore(root)) == f"VideoStore({str(root)!r})"
+
+
+def test_a_killed_writers_temporaries_are_swept_and_nothing_else(root: UPath, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    store = VideoStore(root)
+    folder = store.set_dir("demo")
+    folder.mkdir(parents=True, exist_ok=True)
+    # A writer that dies mid-write (SIGKILL skips the writer's own cleanup): its pid is gone.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    final = store.video_path("demo", KEY)
+    orphan = final.with_name(f".{final.name}.{HOST_TAG}-{dead.pid}-0123abcd.part")
+    orphan.write_bytes(b"half a video")
+    # A live writer's temporary (this process), and files the project did not name, are kept.
+    live = temporary_path(final)
+    live.write_bytes(b"still being written")
+    user_files = [folder / "notes.part", folder / f".{final.name}.part", folder / "clip.mp4"]
+    for path in user_files:
+        path.write_bytes(b"mine")
+
+    assert store.sweep("demo") == [orphan.name]
+    assert not orphan.exists()
+    assert live.exists() and all(path.exists() for path in user_files)
+
+
+def test_a_verified_copy_lands_under_its_final_name_only_when_its_hash_matches(root: UPath) -> None:
+    store = VideoStore(root)
+    source = store_video(store, prompt_set="first")
+    digest = hashlib.sha256(VIDEO).hexdigest()
+
+    copied = store.copy_verified(source, "second", KEY, digest)
+    assert copied == store.video_path("second", KEY) and copied.read_bytes() == VIDEO
+    assert names_in(store.set_dir("second")) == [f"{KEY}.mp4"]
+
+    assert store.copy_verified(source, "third", KEY, "0" * 64) is None  # the source changed
+    assert store.copy_verified(store.video_path("gone", KEY), "third", KEY, digest) is None
+    assert not store.set_dir("third").exists() or names_in(store.set_dir("third")) == []

@@ -25,7 +25,9 @@ from ledger_worker import LedgerTarget, ledger_target, wait_for
 from PIL import Image
 
 from wan_pipeline.api import (
+    ApiError,
     AsyncAimlApiClient,
+    CreateTry,
     AuthenticationError,
     ClientConfig,
     Generation,
@@ -35,6 +37,7 @@ from wan_pipeline.api import (
 )
 from wan_pipeline.catalog import CatalogRequest, load_prompt_set
 from wan_pipeline.emulator import EmulatorConfig, running_emulator
+from wan_pipeline.scopes import api_origin, api_scope
 from wan_pipeline.ledger import Ledger, State
 from wan_pipeline.settings import Secret
 from wan_pipeline.submission import (
@@ -153,20 +156,20 @@ def test_a_request_shared_by_two_sets_is_bought_once(
     assert shared.prompt_sets == ("first", "second")
 
 
-def test_dry_run_and_budget_guard_create_nothing(
+def test_dry_run_and_budget_guard_create_and_write_nothing(
     ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
 ) -> None:
     requests = catalog(tmp_path, "harbour", [1, 2, 3])
     factory = lambda: AsyncAimlApiClient(client_config)  # noqa: E731
 
     dry = submit_prompt_set(ledger, factory, "harbour", requests, dry_run=True)
-    assert [r.request_key for r in dry.would_submit] == [r.request_key for r in requests]
+    assert [item.request.request_key for item in dry.plan.to_submit] == [r.request_key for r in requests]
     assert dry.plan.estimated_usd == pytest.approx(3 * USD_PER_REQUEST)
-    with pytest.raises(BudgetExceeded, match="3 request"):
+    with pytest.raises(BudgetExceeded, match="3 generation"):
         submit_prompt_set(ledger, factory, "harbour", requests, max_usd=1.0)
 
     assert create_calls(emulator) == 0
-    assert states(ledger, requests) == [State.PLANNED] * 3
+    assert ledger.rows() == [] and ledger.prompt_sets() == []  # neither wrote a row or a membership
     report = submit_prompt_set(ledger, factory, "harbour", requests, max_usd=1.6)
     assert report.new == 3
 
@@ -197,13 +200,20 @@ def test_a_lost_create_answer_is_in_doubt_and_resubmitted_only_when_asked(
 
     emulator.update_faults(create_504_rate=0.0)
     rerun = submit_prompt_set(ledger, factory, "harbour", requests)
-    dry = submit_prompt_set(ledger, factory, "harbour", requests, dry_run=True, resubmit_in_doubt=True)
-    assert (rerun.new, sorted(rerun.in_doubt), create_calls(emulator)) == (0, sorted(report.in_doubt), 2)
-    assert len(dry.would_submit) == 2 and states(ledger, requests) == [State.IN_DOUBT] * 2
+    dry = submit_prompt_set(ledger, factory, "harbour", requests, dry_run=True, resubmit_in_doubt="all")
+    assert (rerun.new, rerun.in_doubt, create_calls(emulator)) == (0, [], 2)
+    assert sorted(rerun.plan.in_doubt) == sorted(report.in_doubt)
+    assert len(dry.plan.to_submit) == 2 and states(ledger, requests) == [State.IN_DOUBT] * 2
 
-    resubmitted = submit_prompt_set(ledger, factory, "harbour", requests, resubmit_in_doubt=True)
-    assert (resubmitted.new, resubmitted.in_doubt) == (2, [])
+    # Only what is named is bought again: one key, then the set.
+    first, second = (r.request_key for r in requests)
+    one = submit_prompt_set(ledger, factory, "harbour", requests, resubmit_in_doubt=[first])
+    assert one.new == 1 and states(ledger, requests) == [State.SUBMITTED, State.IN_DOUBT]
+    by_set = submit_prompt_set(ledger, factory, "harbour", requests, resubmit_in_doubt="harbour")
+    assert (by_set.new, by_set.in_doubt) == (1, [])
     assert [row.attempts for row in ledger.rows("harbour")] == [2, 2]
+    reasons = [(a.attempt, a.outcome, a.reason) for a in ledger.attempts(request_keys=[first])]
+    assert reasons == [(1, "in_doubt", "first"), (2, "created", "resubmit_in_doubt")]
 
 
 def test_a_create_surely_not_accepted_goes_back_to_planned(
@@ -234,51 +244,111 @@ def test_media_that_became_unreadable_is_not_sent_and_stays_planned(
     assert report.new == 0 and "MediaError" in report.failed_to_submit[0][1]
     assert create_calls(emulator) == 0
     assert states(ledger, requests) == [State.PLANNED]
+    assert ledger.attempts() == []  # nothing was sent, so no attempt was made
 
 
-def test_a_bad_api_key_stops_creating_and_raises(
+def test_an_image_edited_after_validation_is_not_sent_under_the_old_key(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1])
+    Image.new("RGB", (480, 360), (200, 30, 30)).save(tmp_path / "media" / "frame.png")  # still a valid image
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+
+    (key, message), = report.failed_to_submit
+    assert "image changed since it was validated" in message and "frame.png" in message
+    assert (report.new, report.in_doubt, create_calls(emulator)) == (0, [], 0)
+    (row,) = ledger.rows("harbour")
+    assert row.state is State.PLANNED and "image changed since it was validated" in row.error
+
+
+def test_a_bad_api_key_stops_creating(
     ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
 ) -> None:
     requests = catalog(tmp_path, "harbour", [1, 2, 3])
     wrong_key = dataclasses.replace(client_config, api_key=Secret("sk-wrong"))
-    with pytest.raises(AuthenticationError):
-        submit_prompt_set(
-            ledger, lambda: AsyncAimlApiClient(wrong_key), "harbour", requests, max_concurrency=1
-        )
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(wrong_key), "harbour", requests, max_concurrency=1)
 
+    assert report.auth_failed and "AuthenticationError" in report.stopped_by and report.new == 0
     assert create_calls(emulator) == 1  # the first 401 stopped the rest
     assert states(ledger, requests) == [State.PLANNED] * 3
 
 
+def test_a_401_after_one_create_keeps_what_was_bought_and_says_so(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2, 3])
+    emulator.update_faults(auth_fail_after_creates=1)
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests, max_concurrency=1)
+
+    assert report.auth_failed and (report.new, report.usd_spent) == (1, pytest.approx(USD_PER_REQUEST))
+    assert [key for key, _ in report.failed_to_submit] == [r.request_key for r in requests[1:]]
+    assert states(ledger, requests) == [State.SUBMITTED, State.PLANNED, State.PLANNED]
+    assert emulator.stats()["accepted_creates"] == 1
+
+
+def test_what_one_api_bought_is_bought_again_on_another(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1, 2])
+    submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
+    with running_emulator(EmulatorConfig(latency_s=30.0, small_frames=True, identify=False)) as other:
+        other_config = dataclasses.replace(client_config, base_url=other.base_url)
+        elsewhere = ledger.for_scope(api_scope(other.base_url))
+        report = submit_prompt_set(elsewhere, lambda: AsyncAimlApiClient(other_config), "harbour", requests)
+        assert (report.new, report.reused) == (2, 0)
+        assert other.stats()["accepted_creates"] == 2
+    assert elsewhere.scope == api_origin(other.base_url) != ledger.scope == "emulator"
+    assert {r.generation_id for r in ledger.rows()}.isdisjoint(r.generation_id for r in elsewhere.rows())
+
+
+def test_retries_before_any_answer_that_could_mean_created_leave_nothing_in_doubt(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", [1])
+    emulator.update_faults(create_429_rate=0.6, create_503_rate=0.3)
+    retrying = dataclasses.replace(client_config, max_attempts=20, max_retry_seconds=30.0)
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(retrying), "harbour", requests)
+
+    assert report.new == 1
+    (key,) = [r.request_key for r in requests]
+    tries = ledger.try_rows(key)
+    assert len(tries) == create_calls(emulator) >= 2  # every HTTP try recorded
+    assert [t.created for t in tries] == [False] * (len(tries) - 1) + [True]
+    assert all(t.answered_at is not None and t.sent_at <= t.answered_at for t in tries)
+    assert tries[-1].client_request_id.endswith(f"-1.{len(tries)}")
+
+
 @dataclass
 class ScriptedClient:
-    """Stands in for `AsyncAimlApiClient` for answers the emulator cannot give."""
+    """Stands in for `AsyncAimlApiClient` for answers the emulator cannot give. Like the real client it
+    reports each try before sending it and once its answer is judged."""
 
     failures: dict[str, BaseException]  # request_key -> what its create raises; the others succeed
     config: ClientConfig = field(default_factory=lambda: ClientConfig(expected_seconds=10.0))
     calls: list[str] = field(default_factory=list)
 
-    async def submit(
-        self, request: Any, *, request_key: str, attempt: int = 1, base_dir: Any = None
-    ) -> Generation:
+    async def submit(self, request: Any, *, request_key: str, attempt: int = 1, on_try: Any, **_: Any) -> Generation:
         self.calls.append(request_key)
-        await asyncio.sleep(0)
-        if request_key in self.failures:
-            raise self.failures[request_key]
-        return Generation(
-            f"gen-{request_key[:8]}", "queued", "pending", credits_used=1_050_000, usd_spent=0.525
-        )
-
-
-def run_scripted(ledger: Ledger, requests: list[CatalogRequest], client: ScriptedClient) -> Any:
-    plan = plan_submission(ledger, "harbour", requests)
-    return asyncio.run(submit_planned(ledger, client, plan, max_concurrency=1))
+        request_id = f"wanp-{request_key}-{attempt}.1"
+        await asyncio.to_thread(on_try, CreateTry(1, request_id, "sending"))
+        failure = self.failures.get(request_key)
+        if failure is None:
+            await asyncio.to_thread(
+                on_try, CreateTry(1, request_id, "answered", created=True, generation_id=f"gen-{request_key[:8]}")
+            )
+            return Generation(
+                f"gen-{request_key[:8]}", "queued", "pending", credits_used=1_050_000, usd_spent=0.525
+            )
+        if isinstance(failure, ApiError):  # an answer the client judged; a bug in the client has none
+            answered = CreateTry(1, request_id, "answered", created=failure.created, status_code=failure.status_code)
+            await asyncio.to_thread(on_try, answered)
+        raise failure
 
 
 def test_a_rejected_request_is_recorded_and_the_others_go_on(ledger: Ledger, tmp_path: Path) -> None:
     requests = catalog(tmp_path, "harbour", [1, 2, 3])
     bad = requests[1].request_key
-    client = ScriptedClient({bad: RequestRejected("Body validation error!", status_code=400)})
+    client = ScriptedClient({bad: RequestRejected("Body validation error!", status_code=400, created=False)})
     report = run_scripted(ledger, requests, client)
 
     assert report.new == 2
@@ -289,7 +359,7 @@ def test_a_rejected_request_is_recorded_and_the_others_go_on(ledger: Ledger, tmp
 
 def test_out_of_credits_stops_creating_and_nothing_unsent_is_lost(ledger: Ledger, tmp_path: Path) -> None:
     requests = catalog(tmp_path, "harbour", [1, 2, 3, 4])
-    client = ScriptedClient({requests[1].request_key: OutOfCredits("out of credits", status_code=403)})
+    client = ScriptedClient({requests[1].request_key: OutOfCredits("out of credits", status_code=403, created=False)})
     report = run_scripted(ledger, requests, client)
 
     assert report.out_of_credits and report.new == 1
@@ -301,8 +371,8 @@ def test_out_of_credits_stops_creating_and_nothing_unsent_is_lost(ledger: Ledger
 @pytest.mark.parametrize(
     ("failure", "expected"),
     [
-        (ServerError("HTTP 507", status_code=507), State.IN_DOUBT),  # a 5xx we cannot read: may exist
-        (ServerError("bad gateway", status_code=502), State.PLANNED),
+        (ServerError("HTTP 507", status_code=507, created=None), State.IN_DOUBT),  # may exist
+        (ServerError("bad gateway", status_code=502, created=False), State.PLANNED),
         (KeyError("a bug in the client"), State.IN_DOUBT),
     ],
 )
@@ -372,7 +442,7 @@ def test_a_killed_submitter_leaves_a_ledger_the_rerun_completes_without_duplicat
     assert states(ledger, requests) == [State.SUBMITTED, State.IN_DOUBT, State.SUBMITTED, State.SUBMITTED]
 
 
-def test_a_create_the_ledger_fails_to_record_stays_in_doubt_with_its_generation_id(
+def test_a_create_the_ledger_fails_to_record_keeps_its_generation_id(
     ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path, monkeypatch
 ) -> None:
     requests = catalog(tmp_path, "harbour", [1])
@@ -380,12 +450,19 @@ def test_a_create_the_ledger_fails_to_record_stays_in_doubt_with_its_generation_
     def database_gone(*args: Any, **kwargs: Any) -> None:
         raise OSError("database unreachable")
 
-    monkeypatch.setattr(ledger, "mark_submitted", database_gone)
+    answered = ledger.try_answered
+
+    def accepted_answer_not_recorded(*args: Any, **kwargs: Any) -> Any:
+        if args[3].created is True:
+            raise OSError("database unreachable")
+        return answered(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "try_answered", accepted_answer_not_recorded)
     with pytest.raises(OSError):
         submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
 
     (generation_id,) = emulator.stats()["generations"]  # it was created, and so paid for
     (row,) = ledger.rows("harbour")
-    assert row.state is State.IN_DOUBT and generation_id in row.error
+    assert row.state is State.SUBMITTED and row.generation_id == generation_id  # kept, not lost
     again = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
     assert again.new == 0 and create_calls(emulator) == 1

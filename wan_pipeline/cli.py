@@ -13,27 +13,70 @@ import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from wan_pipeline.settings import SettingsError, load_settings
+from wan_pipeline.settings import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from wan_pipeline.ledger import Ledger
 
 PROJECT_DIR = Path.cwd()
 # The emulator accepts any Bearer key; this one says what it is if it ever shows up somewhere.
 EMULATOR_KEY = "local-emulator-key"
 DEMO_LATENCY_S = 3.0
+DEMO_DIR = Path("data/demo")
+
+
+def open_ledger(settings: Settings) -> Ledger:
+    """The ledger as seen from the API these settings buy from."""
+    from wan_pipeline.ledger import Ledger
+    from wan_pipeline.scopes import scope_in_use
+
+    return Ledger(settings.ledger_url, scope=scope_in_use(settings))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from wan_pipeline.catalog import validate_command
+    from wan_pipeline.catalog import format_reports, load_prompt_set, validate_paths
+    from wan_pipeline.submission import plan_submission
 
-    paths = args.paths or [str(load_settings().catalog_dir)]
-    return validate_command(paths)
+    settings = load_settings()
+    targets = [Path(p) for p in args.paths] or [settings.catalog_dir]
+    reports = validate_paths(targets, allowed_roots=settings.allowed_roots)
+    print(format_reports(reports))
+    valid = [report for report in reports if report.ok]
+    if valid:
+        # What running them now would newly buy, against what the ledger already holds (read only).
+        ledger = open_ledger(settings)
+        print(f"against the ledger ({ledger.scope}):")
+        for report in valid:
+            requests = load_prompt_set(report.path, allowed_roots=settings.allowed_roots).requests
+            plan = plan_submission(ledger, report.name, requests, dry_run=True)
+            print(
+                f"  {report.name}: would newly buy {len(plan.to_submit)} of {report.count} "
+                f"(est. ${plan.estimated_usd:.4f} of ${report.estimated_usd:.4f}); {len(plan.reused)} already bought"
+            )
+    return 0 if reports and all(report.ok for report in reports) else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from wan_pipeline.ledger import Ledger, format_status
+    from wan_pipeline.ledger.reports import format_status
 
-    ledger = Ledger(load_settings().ledger_url)
-    print(format_status(ledger, args.prompt_sets or None))
+    print(format_status(open_ledger(load_settings()), args.prompt_sets or None))
+    return 0
+
+
+def cmd_ledger_upgrade(args: argparse.Namespace) -> int:
+    from wan_pipeline.ledger import HEAD_REVISION, upgrade
+    from wan_pipeline.ledger.database import create_engine, shown_url
+
+    settings = load_settings()
+    engine = create_engine(settings.ledger_url, None)
+    before, after = upgrade(engine, shown=shown_url(settings.ledger_url))
+    engine.dispose()
+    if before == after:
+        print(f"The ledger at {shown_url(settings.ledger_url)} is at the newest schema ({HEAD_REVISION}).")
+    else:
+        print(f"Upgraded the ledger at {shown_url(settings.ledger_url)} from {before or 'no revision'} to {after}.")
     return 0
 
 
@@ -81,20 +124,22 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
     from wan_pipeline.definitions import build_definitions
     from wan_pipeline.runner import PipelineRunner, RunOptions, ensure_dagster_home
+    from wan_pipeline.submission import InDoubtSelection
 
-    ensure_dagster_home(PROJECT_DIR)
+    options = RunOptions(
+        prompt_sets=args.prompt_sets,
+        deadline_s=args.deadline,
+        retry_failed=args.retry_failed,
+        resubmit_in_doubt=InDoubtSelection.of(args.resubmit_in_doubt),
+        max_usd=args.max_usd,
+        dry_run=args.dry_run,
+    )
     settings = load_settings()
+    if options.dry_run:  # no Dagster instance is opened or created: a dry run leaves nothing behind
+        return PipelineRunner(build_definitions(settings), None, settings).run(options)
+    ensure_dagster_home(PROJECT_DIR)
     with dg.DagsterInstance.get() as instance:
-        runner = PipelineRunner(build_definitions(settings), instance, settings)
-        return runner.run(
-            RunOptions(
-                prompt_sets=args.prompt_sets,
-                deadline_s=args.deadline,
-                retry_failed=args.retry_failed,
-                resubmit_in_doubt=args.resubmit_in_doubt,
-                max_usd=args.max_usd,
-            )
-        )
+        return PipelineRunner(build_definitions(settings), instance, settings).run(options)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -104,11 +149,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # The demo keeps its own ledger, outputs and Dagster home: what it "buys" from the emulator is
+    # never mistaken for a purchase when the same project later runs against a real API.
+    demo_dir = PROJECT_DIR / DEMO_DIR
+    os.environ.update(
+        WAN_PIPELINE_LEDGER_URL=f"sqlite:///{demo_dir / 'ledger.sqlite'}",
+        WAN_PIPELINE_OUTPUT=str(demo_dir / "outputs"),
+        DAGSTER_HOME=str(demo_dir / "dagster_home"),
+    )
     with api_environment(latency_s=args.latency, force_emulator=True) as description:
         print(description, flush=True)
         code = run_pipeline(args)
-    settings = load_settings()
-    print(f"Videos and their provenance sidecars are under {settings.output_root}/<prompt set>/")
+    print(f"Videos and their provenance sidecars are under {DEMO_DIR}/outputs/<prompt set>/ "
+          f"(the demo's own ledger and Dagster home are in {DEMO_DIR}/; `make clean` removes them)")
     return code
 
 
@@ -131,9 +184,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline", type=float, default=3600.0, metavar="S", help="give up waiting after S seconds")
     parser.add_argument("--retry-failed", action="store_true", help="resubmit generations the provider failed")
     parser.add_argument(
-        "--resubmit-in-doubt", action="store_true", help="resubmit creates whose answer was lost (may pay twice)"
+        "--resubmit-in-doubt", nargs="?", const="all", default=None, metavar="KEYS|SETS|all",
+        help="buy again in-doubt creates whose answer was lost (they may already be paid for): comma-separated "
+        "request keys or set names, or all (the default when no value is given)",
     )
     parser.add_argument("--max-usd", type=float, default=None, help="refuse to submit more than this estimate")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="show what would be bought, reused and left alone, and its cost; write, buy and collect nothing",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--latency", type=float, default=20.0, metavar="S", help="emulator latency")
     dev.set_defaults(func=cmd_dev)
 
+    ledger = commands.add_parser("ledger", help="the ledger's schema")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    upgrade = ledger_commands.add_parser("upgrade", help="apply the ledger's schema migrations (also done at start)")
+    upgrade.set_defaults(func=cmd_ledger_upgrade)
+
     emulator = commands.add_parser("emulator", help="serve the local AI/ML API emulator")
     from wan_pipeline.emulator import add_cli_arguments
 
@@ -179,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A shell that starts us in the background (`cmd &`) hands down SIGINT as ignored; Dagster turns
     # SIGTERM into SIGINT, so without this a plain `kill` would not stop a run.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    from wan_pipeline.ledger.database import LedgerVersionError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
@@ -186,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except SettingsError as exc:
+        print(f"wan-pipeline: {exc}", file=sys.stderr)
+        return 2
+    except LedgerVersionError as exc:
         print(f"wan-pipeline: {exc}", file=sys.stderr)
         return 2
 

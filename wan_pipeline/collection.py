@@ -1,35 +1,37 @@
-"""Collecting finished generations: stream each video to the store, describe it, file its provenance.
+"""Collecting finished generations into each set's folder, and filing their provenance.
 
-A video is downloaded once: a file whose sha256 matches its sidecar is skipped. An expired signed URL
-is refreshed by polling the generation again. The sidecar next to each video is the experiment's
-record: what was asked (with the image identified by content), what was paid, how long it took, and
-what came back (probed, not assumed).
+A video is stored once per set: a file whose sha256 matches its sidecar (for this API) is kept; a
+request another set already stored is copied inside the store, verified by sha256, with no call to
+the provider (its signed URL may be long expired: the real API keeps results 24 h); anything else
+is downloaded to a temporary name, checked (size, hash, probe) and only then given its final name.
+An expired signed URL is refreshed by polling the generation again. The sidecar next to each video
+is the experiment's record: which API bought it, what was asked (the image identified by content),
+what was paid, how long it took, and what came back (probed, not assumed).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from wan_pipeline import __version__
-from wan_pipeline.api import ApiError, AsyncAimlApiClient, ClientConfig, DownloadExpired
+from wan_pipeline.api import ApiError, AsyncAimlApiClient, DownloadExpired, max_video_bytes
 from wan_pipeline.catalog import CatalogRequest
-from wan_pipeline.ledger import PENDING_REMOTE, Ledger, LedgerRow, State
+from wan_pipeline.ledger import Ledger, LedgerRow, State, StoredVideo, VideoSource
 from wan_pipeline.media import MediaDecodeError, matches_request, probe_video
+from wan_pipeline.safe_text import printable
+from wan_pipeline.scopes import api_origin
 from wan_pipeline.storage import VideoStore, file_sha256
 
 log = logging.getLogger(__name__)
 
 # Refresh a signed URL that expires within this margin rather than start a download that will fail.
 URL_EXPIRY_MARGIN = timedelta(seconds=30)
-PENDING_STATES = {State.SUBMITTING, *PENDING_REMOTE}
-# Finished videos of a set wait at most this long for its last stragglers before being collected.
-COLLECT_EARLY_AFTER = timedelta(minutes=10)
 
 
 @dataclass
@@ -39,7 +41,11 @@ class CollectedVideo:
     sha256: str
     size_bytes: int
     probe: dict[str, Any]
-    downloaded: bool  # False when an already verified file was kept
+    how: Literal["downloaded", "copied", "kept"]  # kept: a verified file was already there
+
+    @property
+    def downloaded(self) -> bool:
+        return self.how == "downloaded"
 
 
 @dataclass
@@ -47,14 +53,10 @@ class CollectReport:
     videos: list[CollectedVideo] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
     refreshed_urls: int = 0
+    swept: list[str] = field(default_factory=list)  # temporaries of killed writers removed
 
-    @property
-    def downloaded(self) -> int:
-        return sum(v.downloaded for v in self.videos)
-
-    @property
-    def skipped_verified(self) -> int:
-        return sum(not v.downloaded for v in self.videos)
+    def count(self, how: str) -> int:
+        return sum(v.how == how for v in self.videos)
 
     @property
     def bytes_downloaded(self) -> int:
@@ -65,20 +67,33 @@ def expects_audio(request: CatalogRequest) -> bool:
     return bool(request.request.audio_url) or request.request.generate_audio
 
 
+def max_video_bytes_for(request: CatalogRequest) -> int:
+    return max_video_bytes(request.request.resolution, request.request.duration)
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
 def build_provenance(
-    request: CatalogRequest, row: LedgerRow, *, sha256: str, size_bytes: int, probe: dict[str, Any]
+    request: CatalogRequest,
+    row: LedgerRow,
+    scope: str,
+    base_url: str,
+    *,
+    sha256: str,
+    size_bytes: int,
+    probe: dict[str, Any],
+    reused_from: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     processing_s = (
         (row.completed_at - row.submitted_at).total_seconds() if row.completed_at and row.submitted_at else None
     )
-    return {
+    provenance = {
         "generation_id": row.generation_id,
         "request_key": request.request_key,
         "prompt_set": request.prompt_set,
+        "api": {"scope": scope, "origin": api_origin(base_url)},
         "seed": request.request.seed,
         "seed_derived": request.seed_derived,
         "model": request.request.model,
@@ -89,7 +104,7 @@ def build_provenance(
             "submitted_at": _iso(row.submitted_at),
             "generating_at": _iso(row.generating_at),
             "completed_at": _iso(row.completed_at),
-            "downloaded_at": datetime.now(UTC).isoformat(),
+            "stored_at": datetime.now(UTC).isoformat(),
             "processing_s": processing_s,
         },
         "cost": {
@@ -101,6 +116,11 @@ def build_provenance(
         "video": {"sha256": sha256, "bytes": size_bytes, **probe},
         "pipeline": {"package": "wan-pipeline", "version": __version__},
     }
+    if reused_from:
+        # Bought once, by another set: this set's copy cost nothing.
+        provenance["reused_from"] = reused_from
+        provenance["cost"] = {**provenance["cost"], "usd_spent_by_this_set": 0.0}
+    return provenance
 
 
 def _probe_dict(path: Any) -> dict[str, Any]:
@@ -111,7 +131,7 @@ def _probe_dict(path: Any) -> dict[str, Any]:
 async def _fresh_url(ledger: Ledger, client: AsyncAimlApiClient, row: LedgerRow, report: CollectReport) -> str:
     """Poll the generation again: the provider signs a new URL for a finished video."""
     generation = await client.get(row.generation_id)
-    ledger.refresh_video_url(row.request_key, generation.video_url, generation.video_expires_at)
+    await asyncio.to_thread(ledger.refresh_video_url, row.request_key, generation.video_url, generation.video_expires_at)
     report.refreshed_urls += 1
     if generation.video_url is None:
         raise ApiError(f"generation {row.generation_id} has no video URL (status {generation.raw_status})")
@@ -124,7 +144,7 @@ def _expiring(row: LedgerRow) -> bool:
 
 
 async def _download_fresh(
-    ledger: Ledger, client: AsyncAimlApiClient, row: LedgerRow, destination: Any, report: CollectReport
+    ledger: Ledger, client: AsyncAimlApiClient, row: LedgerRow, destination: Any, report: CollectReport, max_bytes: int
 ) -> tuple[int, str]:
     """Download with the recorded URL, refreshing it first if it is about to expire, and once more
     if the host says it has expired meanwhile."""
@@ -132,9 +152,15 @@ async def _download_fresh(
     if url is None or _expiring(row):
         url = await _fresh_url(ledger, client, row, report)
     try:
-        return await client.download(url, destination)
+        return await client.download(url, destination, max_bytes=max_bytes)
     except DownloadExpired:
-        return await client.download(await _fresh_url(ledger, client, row, report), destination)
+        return await client.download(await _fresh_url(ledger, client, row, report), destination, max_bytes=max_bytes)
+
+
+def _sidecar_matches(sidecar: dict[str, Any] | None, scope: str) -> bool:
+    """A sidecar describes a video bought from this API (one from another API, or from before scopes
+    were recorded, is not this purchase's video even under the same request key)."""
+    return bool(sidecar) and (sidecar.get("api") or {}).get("scope") == scope
 
 
 async def _collect_one(
@@ -143,47 +169,88 @@ async def _collect_one(
     store: VideoStore,
     request: CatalogRequest,
     row: LedgerRow,
+    copies: list[StoredVideo],
     report: CollectReport,
 ) -> None:
     key, prompt_set = request.request_key, request.prompt_set
     video_path = store.video_path(prompt_set, key)
-    sidecar = store.read_sidecar(prompt_set, key)
-    if sidecar and store.is_verified(prompt_set, key):
+    sidecar = await asyncio.to_thread(store.read_sidecar, prompt_set, key)
+    if _sidecar_matches(sidecar, ledger.scope) and await asyncio.to_thread(store.is_verified, prompt_set, key):
         video = sidecar["video"]
-        report.videos.append(
-            CollectedVideo(key, str(video_path), video["sha256"], video["bytes"], video, downloaded=False)
+        reused = sidecar.get("reused_from") or {}
+        await asyncio.to_thread(
+            ledger.record_video, prompt_set, key, path=str(video_path), sha256=video["sha256"],
+            size_bytes=video["bytes"], source=VideoSource.COPY if reused else VideoSource.DOWNLOAD,
+            copied_from_set=reused.get("prompt_set"),
         )
+        report.videos.append(CollectedVideo(key, str(video_path), video["sha256"], video["bytes"], video, "kept"))
         return
+    for copy in copies:
+        if copy.prompt_set == prompt_set:
+            continue
+        copied = await asyncio.to_thread(store.copy_verified, copy.path, prompt_set, key, copy.sha256)
+        if copied is None:
+            continue  # that copy is gone or changed: try the next, else download
+        source = await asyncio.to_thread(store.read_sidecar, copy.prompt_set, key) or {}
+        probe = source.get("video") or await asyncio.to_thread(_probe_dict, copied)
+        provenance = build_provenance(
+            request, row, ledger.scope, client.config.base_url, sha256=copy.sha256, size_bytes=copy.size_bytes,
+            probe={k: v for k, v in probe.items() if k not in ("sha256", "bytes")},
+            reused_from={"prompt_set": copy.prompt_set, "path": copy.path},
+        )
+        await asyncio.to_thread(store.write_sidecar, prompt_set, key, provenance)
+        await asyncio.to_thread(
+            ledger.record_video, prompt_set, key, path=str(copied), sha256=copy.sha256, size_bytes=copy.size_bytes,
+            source=VideoSource.COPY, copied_from_set=copy.prompt_set,
+        )
+        report.videos.append(CollectedVideo(key, str(copied), copy.sha256, copy.size_bytes, probe, "copied"))
+        return
+    staged = store.staging_path(prompt_set, key)
     try:
-        size, sha = await _download_fresh(ledger, client, row, video_path, report)
-        probe = await asyncio.to_thread(_probe_dict, video_path)
+        size, sha = await _download_fresh(ledger, client, row, staged, report, max_video_bytes_for(request))
+        probe = await asyncio.to_thread(_probe_dict, staged)
+        final = await asyncio.to_thread(store.promote, staged, prompt_set, key)
     except (ApiError, MediaDecodeError, OSError) as exc:
-        report.failures.append((key, f"{exc.__class__.__name__}: {exc}"))
+        # Whatever failed the size, hash or probe check never stays under the video's final name.
+        with contextlib.suppress(OSError):
+            if staged.exists():
+                staged.unlink()
+        why = printable(f"{exc.__class__.__name__}: {exc}", 500)
+        await asyncio.to_thread(ledger.note_collection_problem, key, f"not stored: {why}")
+        report.failures.append((key, why))
         return
-    store.write_sidecar(prompt_set, key, build_provenance(request, row, sha256=sha, size_bytes=size, probe=probe))
-    ledger.record_download(key, path=str(video_path), sha256=sha, size_bytes=size)
-    report.videos.append(CollectedVideo(key, str(video_path), sha, size, probe, downloaded=True))
+    provenance = build_provenance(request, row, ledger.scope, client.config.base_url, sha256=sha, size_bytes=size, probe=probe)
+    await asyncio.to_thread(store.write_sidecar, prompt_set, key, provenance)
+    await asyncio.to_thread(ledger.record_video, prompt_set, key, path=str(final), sha256=sha, size_bytes=size)
+    report.videos.append(CollectedVideo(key, str(final), sha, size, probe, "downloaded"))
 
 
 def collect_videos(
-    ledger: Ledger, config: ClientConfig, store: VideoStore, requests: Sequence[CatalogRequest]
+    ledger: Ledger,
+    client_factory: Callable[[], AsyncAimlApiClient],
+    store: VideoStore,
+    requests: Sequence[CatalogRequest],
 ) -> CollectReport:
-    """Download every completed generation of `requests` that is not already verified in the store."""
+    """Store every completed generation of `requests` in their set's folder: keep a verified file,
+    copy one another set already stored (no call to the provider), or download it."""
     rows = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in requests)}
     todo = [(r, rows[r.request_key]) for r in requests if r.request_key in rows and rows[r.request_key].state == State.COMPLETED]
     report = CollectReport()
-
-    # Bounded like the API calls: hundreds of streams queued at once in the connection pool only
-    # time out waiting for a connection.
-    slots = asyncio.Semaphore(config.max_concurrency)
-
-    async def collect_one(request: CatalogRequest, row: LedgerRow, client: AsyncAimlApiClient) -> None:
-        async with slots:
-            await _collect_one(ledger, client, store, request, row, report)
+    for prompt_set in sorted({r.prompt_set for r in requests}):
+        report.swept += store.sweep(prompt_set)
+    copies = ledger.stored_videos(r.request_key for r, _ in todo)
 
     async def run() -> None:
-        async with AsyncAimlApiClient(config) as client:
-            await asyncio.gather(*(collect_one(r, row, client) for r, row in todo))
+        async with client_factory() as client:
+            # Bounded like the API calls: hundreds of streams queued at once in the connection pool
+            # only time out waiting for a connection.
+            slots = asyncio.Semaphore(client.config.max_concurrency)
+
+            async def collect_one(request: CatalogRequest, row: LedgerRow) -> None:
+                async with slots:
+                    await _collect_one(ledger, client, store, request, row, copies.get(request.request_key, []), report)
+
+            await asyncio.gather(*(collect_one(r, row) for r, row in todo))
 
     if todo:
         asyncio.run(run())
@@ -225,39 +292,3 @@ def verify_videos(store: VideoStore, requests: Sequence[CatalogRequest], complet
         )
         problems.extend(f"{key}: {m}" for m in mismatches)
     return problems
-
-
-@dataclass(frozen=True)
-class SetProgress:
-    """Where a prompt set stands, as the completion sensor sees it."""
-
-    prompt_set: str
-    total: int
-    pending: int  # being submitted or still running at the provider
-    uncollected: int  # completed without a recorded download
-    fingerprint: str  # changes whenever any generation of the set changes state
-    oldest_uncollected_at: datetime | None = None  # when the longest-waiting uncollected video completed
-
-    @property
-    def ready_to_collect(self) -> bool:
-        """Every generation is terminal (or needs a person: in doubt, not submitted)."""
-        return self.total > 0 and self.pending == 0
-
-    def should_collect(self, now: datetime) -> bool:
-        """Ready, or finished videos have waited long enough for stragglers: one stuck generation
-        must not keep the set's paid videos from being downloaded before the provider drops them."""
-        if self.ready_to_collect:
-            return True
-        waited = self.oldest_uncollected_at is not None and now - self.oldest_uncollected_at >= COLLECT_EARLY_AFTER
-        return self.uncollected > 0 and waited
-
-
-def set_progress(ledger: Ledger, prompt_set: str) -> SetProgress:
-    rows = ledger.rows(prompt_set)
-    pending = sum(row.state in PENDING_STATES for row in rows)
-    uncollected = [row for row in rows if row.state == State.COMPLETED and not row.download_sha256]
-    digest = hashlib.sha256()
-    for row in sorted(rows, key=lambda r: r.request_key):
-        digest.update(f"{row.request_key}:{row.state}\n".encode())
-    oldest = min((row.completed_at for row in uncollected if row.completed_at), default=None)
-    return SetProgress(prompt_set, len(rows), pending, len(uncollected), digest.hexdigest()[:16], oldest)

@@ -21,11 +21,19 @@ from typing import TextIO
 import dagster as dg
 
 from wan_pipeline.catalog import discover_prompt_sets, format_reports, load_prompt_set, validate_paths
-from wan_pipeline.collection import set_progress
 from wan_pipeline.defs.sensors import STATES_TAG, collection_run_request
-from wan_pipeline.ledger import Ledger, State
+from wan_pipeline.ledger import AttemptOutcome, Ledger, State
+from wan_pipeline.ledger.reports import spend, spend_by_set
+from wan_pipeline.safe_text import printable
+from wan_pipeline.scopes import scope_in_use
 from wan_pipeline.settings import Settings
-from wan_pipeline.submission import estimate_new_spend
+from wan_pipeline.submission import (
+    BudgetExceeded,
+    InDoubtSelection,
+    SubmissionPlan,
+    check_budget,
+    plan_submission,
+)
 
 QUIET_LOGGING = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # No pool limit here: a run killed mid-step would hold its `aimlapi` slot forever, and nothing in a
@@ -54,40 +62,20 @@ class RunOptions:
     prompt_sets: Sequence[str] = ()
     deadline_s: float = 3600.0
     retry_failed: bool = False
-    resubmit_in_doubt: bool = False
+    resubmit_in_doubt: InDoubtSelection = field(default_factory=InDoubtSelection)
     max_usd: float | None = None
+    dry_run: bool = False
     tick_interval_s: float = 10.0
 
 
 @dataclass
 class SetOutcome:
     name: str
-    requested: int = 0
-    new: int = 0
-    reused: int = 0
-    completed: int = 0
-    failed: int = 0
-    in_doubt: int = 0
-    not_submitted: int = 0
-    usd_new: float = 0.0
-    usd_total: float = 0.0
+    run_id: str | None = None  # the submission run: its attempts are what this run bought
     collected_fingerprint: str | None = None  # the set's states when a collection run last ran
-    failures: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     submission_recorded: bool = True  # False: the submission stored nothing, so nothing to collect
-
-    @property
-    def ok(self) -> bool:
-        collected = self.collected_fingerprint is not None
-        return collected and not (self.failed or self.in_doubt or self.not_submitted or self.errors)
-
-
-def _materialization_metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    for event in result.get_asset_materialization_events():
-        materialization = event.step_materialization_data.materialization
-        if materialization.asset_key.to_user_string() == asset:
-            return {k: v.value for k, v in materialization.metadata.items()}
-    return {}
+    ok: bool = False  # set by the summary: everything asked for is stored, nothing failed or in doubt
 
 
 def _failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict]:
@@ -111,7 +99,7 @@ class PipelineRunner:
     def __init__(
         self,
         defs: dg.Definitions,
-        instance: dg.DagsterInstance,
+        instance: dg.DagsterInstance | None,  # None: a dry run, which touches no instance
         settings: Settings,
         *,
         out: TextIO = sys.stdout,
@@ -120,7 +108,7 @@ class PipelineRunner:
         self.instance = instance
         self.settings = settings
         self.out = out
-        self.ledger = Ledger(settings.ledger_url)
+        self.ledger = Ledger(settings.ledger_url, scope=scope_in_use(settings))
         self.submit_job = defs.resolve_job_def("submit_prompt_set")
         self.collect_job = defs.resolve_job_def("collect_prompt_set")
         self.completion_sensor = defs.resolve_sensor_def("generation_completion_sensor")
@@ -156,7 +144,14 @@ class PipelineRunner:
             self.say("Nothing was submitted: fix the catalog errors above first.")
             return 1
         names = list(files)
-        if options.max_usd is not None and not self.within_budget(files, options):
+        plans = self.plans(files, options)
+        if options.dry_run:
+            self.say_plans(plans)
+            return 0
+        try:
+            check_budget(plans, options.max_usd)
+        except BudgetExceeded as exc:
+            self.say(f"Refused by --max-usd: {exc}.")
             return 1
         missing = [n for n in names if not self.instance.has_dynamic_partition("prompt_sets", n)]
         if missing:
@@ -174,30 +169,32 @@ class PipelineRunner:
         self.summarize(outcomes)
         return 0 if all(o.ok for o in outcomes.values()) else 1
 
-    def within_budget(self, files: dict[str, Path], options: RunOptions) -> bool:
-        """`--max-usd` bounds the whole run: refuse before any create when all sets together exceed it."""
-        estimate = sum(
-            estimate_new_spend(
+    def plans(self, files: dict[str, Path], options: RunOptions) -> list[SubmissionPlan]:
+        """What each set would buy from the API in use, read from the ledger without writing to it."""
+        return [
+            plan_submission(
                 self.ledger,
+                name,
                 load_prompt_set(path, allowed_roots=self.settings.allowed_roots).requests,
                 resubmit_in_doubt=options.resubmit_in_doubt,
                 retry_failed=options.retry_failed,
+                dry_run=True,
             )
-            for path in files.values()
-        )
-        if estimate > options.max_usd:
-            self.say(
-                f"Refused: this run would newly buy an estimated ${estimate:.4f}, above --max-usd "
-                f"${options.max_usd:.4f}. Nothing was submitted."
-            )
-            return False
-        return True
+            for name, path in files.items()
+        ]
+
+    def say_plans(self, plans: Sequence[SubmissionPlan]) -> None:
+        self.say(f"Dry run against {self.ledger.scope}: nothing is written, bought or collected.")
+        for plan in plans:
+            self.say(plan.describe())
+        count = sum(len(plan.to_submit) for plan in plans)
+        self.say(f"total would newly buy {count} generation(s), estimated ${sum(p.estimated_usd for p in plans):.4f}")
 
     def submit(self, name: str, options: RunOptions, outcome: SetOutcome) -> str | None:
         """Materialize the set's submission assets; returns why no further set may be submitted, if so."""
         config = {
             "retry_failed": options.retry_failed,
-            "resubmit_in_doubt": options.resubmit_in_doubt,
+            "resubmit_in_doubt": sorted(options.resubmit_in_doubt.names),
             "max_usd": options.max_usd,
         }
         result = self.submit_job.execute_in_process(
@@ -206,25 +203,23 @@ class PipelineRunner:
             run_config={"ops": {"submitted_generations": {"config": config}}, **QUIET_LOGGING},
             raise_on_error=False,
         )
+        outcome.run_id = result.run_id
         stop_reason = None
         if not result.success:
             message, failure_metadata = _failure(result)
             outcome.errors.append(f"submission failed: {message}")
             if failure_metadata.get("stops_submission"):
                 stop_reason = message
-        # Present even when the run failed after recording what it bought (out of credits midway).
-        metadata = _materialization_metadata(result, "submitted_generations")
-        if not metadata:
-            outcome.submission_recorded = False
-            return stop_reason
-        outcome.new = int(metadata.get("new", 0))
-        outcome.reused = int(metadata.get("reused", 0))
-        outcome.requested = int(metadata.get("dagster/row_count", 0))
-        outcome.usd_new = float(metadata.get("usd_spent", 0.0))
-        self.say(
-            f"{name}: {outcome.requested} generations, {outcome.new} newly submitted (${outcome.usd_new:.4f}), "
-            f"{outcome.reused} reused from the ledger"
-        )
+        # What this run bought, from the ledger: present even when the step failed after buying some
+        # (a 401 or 403 midway), so it is reported and collected.
+        bought = spend(self.ledger.attempts(run_id=result.run_id))
+        progress = self.ledger.progress(name)
+        outcome.submission_recorded = progress.total > 0 and (result.success or bought.purchases > 0)
+        if outcome.submission_recorded:
+            self.say(
+                f"{name}: {progress.total} generations, {bought.purchases} newly submitted (${bought.usd_spent:.4f}), "
+                f"{progress.total - progress.counts[State.PLANNED] - bought.purchases} reused from the ledger"
+            )
         return stop_reason
 
     def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
@@ -259,7 +254,7 @@ class PipelineRunner:
                 if request.partition_key in active:
                     self.collect(request, outcomes[request.partition_key])
             for name in list(active):
-                progress = set_progress(self.ledger, name)
+                progress = self.ledger.progress(name)
                 done = progress.ready_to_collect and outcomes[name].collected_fingerprint == progress.fingerprint
                 if progress.total == 0 or done:
                     active.discard(name)
@@ -271,7 +266,7 @@ class PipelineRunner:
                 last_line = line
             if time.monotonic() >= give_up_at:
                 for name in active:
-                    progress = set_progress(self.ledger, name)
+                    progress = self.ledger.progress(name)
                     if progress.uncollected:  # what is finished is collected now, not left to a rerun
                         self.collect(collection_run_request(name, progress), outcomes[name])
                     outcomes[name].errors.append(
@@ -290,10 +285,9 @@ class PipelineRunner:
     def _progress_line(self, active: set[str]) -> str:
         parts = []
         for name in sorted(active):
-            counts = self.ledger.summary(name).counts
-            done = counts.get(State.COMPLETED, 0) + counts.get(State.FAILED, 0)
-            pending = sum(counts.get(s, 0) for s in (State.SUBMITTING, State.SUBMITTED, State.GENERATING))
-            parts.append(f"{name} {done} done / {pending} pending")
+            progress = self.ledger.progress(name)
+            done = progress.counts[State.COMPLETED] + progress.counts[State.FAILED]
+            parts.append(f"{name} {done} done / {progress.pending} pending")
         return "waiting: " + "; ".join(parts)
 
     def collect(self, request: dg.RunRequest, outcome: SetOutcome) -> None:
@@ -312,37 +306,54 @@ class PipelineRunner:
                 outcome.errors.append(f"check {check.check_name} failed: {check.metadata.get('details').value}")
 
     def summarize(self, outcomes: dict[str, SetOutcome]) -> None:
-        header = f"{'prompt set':<24} {'requested':>9} {'new':>5} {'reused':>6} {'completed':>9} {'failed':>6} {'in doubt':>8} {'USD new':>9} {'USD total':>9}  output"
+        """Per set, from the ledger: what this run bought (and its cost), what was reused ($0), where
+        each set stands; then every failure, in-doubt and unsent row; then the total this run spent."""
+        header = (
+            f"{'prompt set':<24} {'requested':>9} {'new':>5} {'reused':>6} {'completed':>9} {'stored':>6} "
+            f"{'failed':>6} {'in doubt':>8} {'USD new':>9} {'USD set':>9}  output"
+        )
         self.say("")
+        self.say(f"API {self.ledger.scope}")
         self.say(header)
         self.say("-" * len(header))
-        total_new = 0
-        rows_by_set = {name: self.ledger.rows(name) for name in outcomes}
+        run_attempts = [a for o in outcomes.values() if o.run_id for a in self.ledger.attempts(run_id=o.run_id)]
+        this_run = spend(run_attempts)
+        by_set = spend_by_set(self.ledger.attempts())
+        notes: list[str] = []
         for name, outcome in outcomes.items():
-            rows = rows_by_set[name]
-            counts = {state: sum(r.state == state for r in rows) for state in State}
-            outcome.completed = counts[State.COMPLETED]
-            outcome.failed = counts[State.FAILED] + counts[State.REJECTED]
-            outcome.in_doubt = counts[State.IN_DOUBT]
-            outcome.not_submitted = counts[State.PLANNED]
-            outcome.usd_total = sum(r.usd_spent or 0 for r in rows)
-            outcome.failures = [(r.request_key, r.error or r.raw_status or "") for r in rows if r.state in (State.FAILED, State.REJECTED)]
-            total_new += outcome.new
+            progress = self.ledger.progress(name)
+            counts = progress.counts
+            new = spend(a for a in run_attempts if a.prompt_set == name)
+            bought_before = progress.total - counts[State.PLANNED] - counts[State.REJECTED] - new.purchases
+            failed = counts[State.FAILED] + counts[State.REJECTED]
             output = f"{self.settings.output_root.rstrip('/')}/{name}/"
             self.say(
-                f"{name:<24} {len(rows):>9} {outcome.new:>5} {outcome.reused:>6} {outcome.completed:>9} "
-                f"{outcome.failed:>6} {outcome.in_doubt:>8} {outcome.usd_new:>9.4f} {outcome.usd_total:>9.4f}  {output}"
+                f"{name:<24} {progress.total:>9} {new.purchases:>5} {max(bought_before, 0):>6} "
+                f"{counts[State.COMPLETED]:>9} {progress.collected:>6} {failed:>6} {counts[State.IN_DOUBT]:>8} "
+                f"{new.usd_spent:>9.4f} {by_set.get(name, spend(())).usd_spent:>9.4f}  {output}"
             )
-        for outcome in outcomes.values():
-            for key, message in outcome.failures:
-                self.say(f"FAILED {outcome.name}/{key}: {message}")
-            for row in rows_by_set[outcome.name]:
-                if row.state == State.IN_DOUBT:
-                    self.say(f"IN DOUBT {outcome.name}/{row.request_key}: {row.error} "
-                             "(may be paid; rerun with --resubmit-in-doubt to buy it again)")
-                elif row.state == State.PLANNED:
-                    self.say(f"NOT SUBMITTED {outcome.name}/{row.request_key}: {row.error or 'not accepted'}")
-            for error in outcome.errors:
-                self.say(f"ERROR {outcome.name}: {error}")
-        if total_new == 0 and all(o.submission_recorded and not o.not_submitted for o in outcomes.values()):
+            for row in self.ledger.rows(name, states={State.FAILED, State.REJECTED, State.IN_DOUBT, State.PLANNED}):
+                why = printable(row.error or row.raw_status or "", 300)
+                if row.state in (State.FAILED, State.REJECTED):
+                    notes.append(f"FAILED {name}/{row.request_key}: {why}")
+                elif row.state == State.IN_DOUBT:
+                    notes.append(
+                        f"IN DOUBT {name}/{row.request_key}: {why} (may be paid; `wan-pipeline status` lists the "
+                        f"client request ids; rerun with --resubmit-in-doubt {row.request_key} to buy it again)"
+                    )
+                else:
+                    notes.append(f"NOT SUBMITTED {name}/{row.request_key}: {why or 'not accepted'}")
+            notes += [f"ERROR {name}: {error}" for error in outcome.errors]
+            outcome.ok = (
+                outcome.collected_fingerprint is not None
+                and progress.collected == counts[State.COMPLETED]
+                and not (failed or counts[State.IN_DOUBT] or counts[State.PLANNED] or outcome.errors)
+            )
+        for line in notes:
+            self.say(line)
+        if not run_attempts and all(o.submission_recorded for o in outcomes.values()) and not any(
+            "NOT SUBMITTED" in n for n in notes
+        ):
             self.say("Nothing new was submitted: every generation was already in the ledger ($0 spent).")
+        created = sum(a.outcome == AttemptOutcome.CREATED for a in run_attempts)
+        self.say(f"total {this_run.describe()} bought by this run ({created} accepted create(s))")

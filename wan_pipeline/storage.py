@@ -3,6 +3,10 @@
 The root is any fsspec URL or local path (through universal-pathlib). Files are written under a
 temporary name and renamed only once complete, so a reader never sees a half-written video; a
 video whose sha256 matches its sidecar is "verified" and never downloaded again.
+
+Temporary names say who wrote them (`.<name>.<host tag>-<pid>-<token>.part`), so a later collection
+can sweep what a killed writer left (SIGKILL skips every `finally`) without touching a file that
+another live process is still writing, and without touching anything the project did not name.
 """
 
 from __future__ import annotations
@@ -10,7 +14,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -20,6 +27,11 @@ from upath import UPath
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]*")
 KEY = re.compile(r"[0-9a-f]{16,64}")
 CHUNK = 1024 * 1024
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# What the project names as temporaries, and nothing else: `.<file>.<host>-<pid>-<token>.part`.
+TEMPORARY = re.compile(r"\.(?P<name>[\w.-]+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.part")
+# A temporary of another host is swept once it is this old (its writer cannot be asked).
+FOREIGN_TEMPORARY_AGE_S = 3600.0
 
 
 def _checked(pattern: re.Pattern[str], value: str, what: str) -> str:
@@ -34,7 +46,7 @@ def atomic_writer(destination: str | UPath) -> Iterator[IO[bytes]]:
     """Write to a temporary sibling, rename onto `destination` only if the block succeeds."""
     final = UPath(destination)
     final.parent.mkdir(parents=True, exist_ok=True)
-    partial = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.part")
+    partial = temporary_path(final)
     try:
         with partial.open("wb") as handle:
             yield handle
@@ -42,6 +54,43 @@ def atomic_writer(destination: str | UPath) -> Iterator[IO[bytes]]:
     finally:
         if partial.exists():
             partial.unlink()
+
+
+def temporary_path(final: UPath) -> UPath:
+    """A sibling temporary name for `final` that says which process writes it."""
+    return final.with_name(f".{final.name}.{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+
+
+def _writer_gone(host: str, pid: int, modified: float | None) -> bool:
+    if host != HOST_TAG:
+        return modified is not None and time.time() - modified > FOREIGN_TEMPORARY_AGE_S
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def sweep_temporaries(folder: UPath) -> list[str]:
+    """Remove the temporaries in `folder` whose writer is gone; returns their names."""
+    if not folder.exists():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = TEMPORARY.fullmatch(path.name)
+        if match is None:
+            continue
+        try:
+            modified = path.stat().st_mtime
+        except (OSError, AttributeError):
+            modified = None
+        if _writer_gone(match["host"], int(match["pid"]), modified):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            removed.append(path.name)
+    return removed
 
 
 def file_sha256(path: str | UPath) -> tuple[int, str]:
@@ -66,6 +115,41 @@ class VideoStore:
 
     def video_path(self, prompt_set: str, request_key: str) -> UPath:
         return self.set_dir(prompt_set) / f"{_checked(KEY, request_key, 'request key')}.mp4"
+
+    def staging_path(self, prompt_set: str, request_key: str) -> UPath:
+        """Where a download waits, under a temporary name, until it is verified and probed."""
+        return temporary_path(self.video_path(prompt_set, request_key))
+
+    def promote(self, staged: UPath, prompt_set: str, request_key: str) -> UPath:
+        """Give a verified file its final name."""
+        final = self.video_path(prompt_set, request_key)
+        staged.rename(final)
+        return final
+
+    def copy_verified(self, source: str | UPath, prompt_set: str, request_key: str, sha256: str) -> UPath | None:
+        """Copy a stored video into `prompt_set`'s folder (server-side where the filesystem can), verify
+        its sha256, and only then give it its final name. None when the source is gone or differs."""
+        source = UPath(source)
+        staged = self.staging_path(prompt_set, request_key)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if source.protocol == staged.protocol:
+                source.fs.copy(source.path, staged.path)
+            else:
+                staged.write_bytes(source.read_bytes())
+            if file_sha256(staged)[1] != sha256:
+                return None
+            return self.promote(staged, prompt_set, request_key)
+        except FileNotFoundError:
+            return None
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                if staged.exists():
+                    staged.unlink()
+
+    def sweep(self, prompt_set: str) -> list[str]:
+        """Remove what killed writers left in the set's folder (only the project's own temporaries)."""
+        return sweep_temporaries(self.set_dir(prompt_set))
 
     def sidecar_path(self, prompt_set: str, request_key: str) -> UPath:
         return self.set_dir(prompt_set) / f"{_checked(KEY, request_key, 'request key')}.json"

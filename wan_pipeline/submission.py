@@ -1,12 +1,14 @@
-"""Write-ahead submission of a prompt set: buy each request at most once.
+"""Write-ahead submission of a prompt set: buy each request at most once from the API in use.
 
-The ledger is written before and after every create. `plan_submission` files the set's requests
-in the ledger and decides what to create: only rows still `planned` (never bought), plus, on
-explicit request, `in_doubt` rows (the answer was lost: they may be paid for) or `failed` ones.
-`submit_planned` then, for each, claims the row atomically (so two processes working on one set
-never create the same request twice), sends the create, and records what the answer means for
-the money: `submitted` with the id, `in_doubt` when it cannot be known, `rejected` for a 400, or
-back to `planned` when it was surely not accepted.
+`plan_submission` decides what to create: only requests this API scope has never bought (`planned`,
+or unknown), plus, on explicit request, `in_doubt` rows (the answer was lost: they may be paid for)
+or `failed` ones. A dry run plans from a read of the ledger and writes nothing.
+
+`submit_planned` sends each create through the client, which reports every HTTP try (`CreateTry`)
+before it is sent and when its answer arrives; the ledger records each one (see
+`wan_pipeline.ledger.store`), so two processes never send the same create, a definite refusal frees
+the claim before any retry wait, and only a try that was sent and never answered is in doubt. What
+a failure means for the money is the one answer the client gives: `exc.created` (True, False, None).
 """
 
 from __future__ import annotations
@@ -14,35 +16,39 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from enum import Enum
+from pathlib import Path
 from typing import Any, Protocol
 
 from wan_pipeline.api import (
-    ApiError,
     AsyncAimlApiClient,
     AuthenticationError,
-    CreateNotAccepted,
-    CreateOutcomeUnknown,
+    CreateTry,
     OutOfCredits,
-    RateLimited,
     RequestRejected,
 )
-from wan_pipeline.api_retry import CREATE_RETRY_STATUSES
+from wan_pipeline.catalog import allowed_roots_for
 from wan_pipeline.ledger import (
     DEFAULT_STALE_AFTER_S,
-    IllegalTransition,
+    AttemptClaim,
+    AttemptOutcome,
+    AttemptReason,
+    ClaimLost,
+    KnownRequest,
     Ledger,
     PlannedRequest,
     State,
+    TryAnswer,
     utcnow,
 )
-from wan_pipeline.models import RequestInvalid, VideoRequest
-from wan_pipeline.sources import MediaError
+from wan_pipeline.models import VideoRequest
+from wan_pipeline.safe_text import printable
 
 log = logging.getLogger(__name__)
+
+ALL = "all"  # resubmit every in-doubt request of the set
 
 
 class CatalogRequestLike(Protocol):
@@ -51,6 +57,9 @@ class CatalogRequestLike(Protocol):
     request_key: str
     request: VideoRequest
     estimated_usd: float
+    image_sha256: str | None
+    audio_sha256: str | None
+    source_file: str
 
     def provenance_request(self) -> dict[str, Any]: ...
 
@@ -59,21 +68,65 @@ class BudgetExceeded(RuntimeError):
     """What a run would newly buy is estimated above its `max_usd`: nothing was created."""
 
 
+@dataclass(frozen=True)
+class InDoubtSelection:
+    """Which in-doubt requests the user explicitly asked to buy again: "all", set names or request keys."""
+
+    names: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, value: bool | str | Iterable[str] | None) -> InDoubtSelection:
+        if value is True:
+            return cls(frozenset({ALL}))
+        if not value:
+            return cls()
+        items = value.split(",") if isinstance(value, str) else value
+        return cls(frozenset(item.strip() for item in items if item.strip()))
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+    def selects(self, request_key: str, prompt_set: str) -> bool:
+        return bool(self.names & {ALL, prompt_set, request_key})
+
+
+@dataclass(frozen=True)
+class PlannedCreate:
+    request: CatalogRequestLike
+    attempt: int  # the attempt number the create will be sent as
+    reason: AttemptReason
+    requeue_from: State | None = None  # the state an explicit resubmit/retry takes it from
+
+
 @dataclass
 class SubmissionPlan:
     prompt_set: str
-    to_submit: list[CatalogRequestLike]  # to create now: never bought, or explicitly requeued
+    to_submit: list[PlannedCreate]  # to create now: never bought here, or explicitly requeued
     reused: list[tuple[str, State]]  # bought or being bought already: never created again
-    in_doubt: list[str]  # left alone (resubmitted only with resubmit_in_doubt)
+    in_doubt: list[str]  # left alone (resubmitted only when selected)
     rejected: list[str]  # the API refused them (400): the request must change
     failed: list[str]  # the provider failed them (retried only with retry_failed)
-    # States the rows of `to_submit` may be requeued from, as the caller explicitly asked.
-    requeue_from: frozenset[State] = frozenset()
+    dry_run: bool = False
 
     @property
     def estimated_usd(self) -> float:
         """Estimated cost of what this plan would newly create."""
-        return sum(r.estimated_usd or 0.0 for r in self.to_submit)
+        return sum(item.request.estimated_usd or 0.0 for item in self.to_submit)
+
+    @property
+    def total(self) -> int:
+        return len(self.to_submit) + len(self.reused) + len(self.in_doubt) + len(self.rejected) + len(self.failed)
+
+    def describe(self) -> str:
+        """One line: what a run would buy, reuse and leave alone, and its cost."""
+        parts = [
+            f"{self.prompt_set}: {self.total} generation(s); would newly buy {len(self.to_submit)} "
+            f"(estimated ${self.estimated_usd:.4f}), reuse {len(self.reused)} ($0)"
+        ]
+        for label, keys in (("in doubt, left alone", self.in_doubt), ("rejected", self.rejected), ("failed", self.failed)):
+            if keys:
+                parts.append(f"{len(keys)} {label}")
+        return ", ".join(parts)
 
 
 @dataclass
@@ -81,22 +134,18 @@ class SubmissionReport:
     plan: SubmissionPlan
     new: int = 0  # creates accepted now
     reused: int = 0  # requests already bought, or claimed by another process meanwhile
-    in_doubt: list[str] = field(default_factory=list)  # every in-doubt key of the set after this run
+    in_doubt: list[str] = field(default_factory=list)  # keys that went in doubt in this run
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, message), rejected by this run
     failed_to_submit: list[tuple[str, str]] = field(default_factory=list)  # (key, why); still planned
     credits_used: float = 0.0
     usd_spent: float = 0.0
+    stopped_by: str | None = None  # why creating stopped early (401, 403), with what was bought before
+    auth_failed: bool = False
     out_of_credits: bool = False
-    dry_run: bool = False
-
-    @property
-    def would_submit(self) -> list[CatalogRequestLike]:
-        """A dry run's answer: what a real run would create now."""
-        return self.plan.to_submit if self.dry_run else []
 
     @classmethod
-    def of_plan(cls, plan: SubmissionPlan, *, dry_run: bool) -> SubmissionReport:
-        return cls(plan=plan, reused=len(plan.reused), in_doubt=list(plan.in_doubt), dry_run=dry_run)
+    def of_plan(cls, plan: SubmissionPlan) -> SubmissionReport:
+        return cls(plan=plan, reused=len(plan.reused))
 
 
 def learned_expectation(ledger: Ledger, override_s: float | None) -> Callable[[VideoRequest], float | None]:
@@ -126,29 +175,34 @@ def planned_request(request: CatalogRequestLike) -> PlannedRequest:
     )
 
 
-def requeue_states(*, resubmit_in_doubt: bool, retry_failed: bool) -> frozenset[State]:
-    """The states a submission may buy again: only those the user explicitly asked for."""
-    asked = ((State.IN_DOUBT, resubmit_in_doubt), (State.FAILED, retry_failed))
-    return frozenset(state for state, yes in asked if yes)
-
-
-def would_create(state: State | None, requeue_from: frozenset[State]) -> bool:
-    """Whether a request in `state` (None: unknown to the ledger) is created by a submission."""
-    return state is None or state == State.PLANNED or state in requeue_from
-
-
-def estimate_new_spend(
-    ledger: Ledger,
-    requests: Iterable[CatalogRequestLike],
-    *,
-    resubmit_in_doubt: bool = False,
-    retry_failed: bool = False,
-) -> float:
-    """Estimated USD of what submitting `requests` would newly buy. Reads the ledger, writes nothing."""
-    unique = {r.request_key: r for r in requests}
-    states = {row.request_key: row.state for row in ledger.rows_for_keys(unique)}
-    requeue_from = requeue_states(resubmit_in_doubt=resubmit_in_doubt, retry_failed=retry_failed)
-    return sum(r.estimated_usd for key, r in unique.items() if would_create(states.get(key), requeue_from))
+def _decide(
+    prompt_set: str,
+    unique: dict[str, CatalogRequestLike],
+    known: dict[str, KnownRequest],
+    resubmit_in_doubt: InDoubtSelection,
+    retry_failed: bool,
+    dry_run: bool,
+) -> SubmissionPlan:
+    plan = SubmissionPlan(prompt_set, [], [], [], [], [], dry_run=dry_run)
+    for key, request in unique.items():
+        found = known.get(key)
+        state = found.state if found else State.PLANNED
+        attempt = (found.attempts if found else 0) + 1
+        if state is State.PLANNED:
+            plan.to_submit.append(PlannedCreate(request, attempt, AttemptReason.FIRST))
+        elif state is State.IN_DOUBT and resubmit_in_doubt.selects(key, prompt_set):
+            plan.to_submit.append(PlannedCreate(request, attempt, AttemptReason.RESUBMIT_IN_DOUBT, State.IN_DOUBT))
+        elif state is State.FAILED and retry_failed:
+            plan.to_submit.append(PlannedCreate(request, attempt, AttemptReason.RETRY_FAILED, State.FAILED))
+        elif state is State.IN_DOUBT:
+            plan.in_doubt.append(key)
+        elif state is State.REJECTED:
+            plan.rejected.append(key)
+        elif state is State.FAILED:
+            plan.failed.append(key)
+        else:
+            plan.reused.append((key, state))
+    return plan
 
 
 def plan_submission(
@@ -156,67 +210,37 @@ def plan_submission(
     prompt_set: str,
     requests: Iterable[CatalogRequestLike],
     *,
-    resubmit_in_doubt: bool = False,
+    resubmit_in_doubt: InDoubtSelection | bool | str | Iterable[str] | None = None,
     retry_failed: bool = False,
+    dry_run: bool = False,
     stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> SubmissionPlan:
-    """File the set's requests in the ledger and decide what to create. Creates nothing.
+    """Decide what to create. Creates nothing.
 
-    Claims abandoned by dead processes are recovered first (as in doubt), so they are not reused as
-    if they were progressing. In-doubt and failed rows are only planned for resubmission when asked;
-    the requeue itself happens in `submit_planned`, so a dry run or a refused budget changes nothing.
+    For real (not `dry_run`): claims abandoned by dead processes are settled first (so they are not
+    reused as if they were progressing) and the set's requests are filed in the ledger. A dry run
+    only reads: no row, membership or recovery is written.
     """
-    ledger.recover_abandoned(stale_after_s=stale_after_s)
     unique: dict[str, CatalogRequestLike] = {}
     for request in requests:
         unique.setdefault(request.request_key, request)
-    result = ledger.plan(prompt_set, [planned_request(r) for r in unique.values()])
-    states = {key: State.PLANNED for key in result.new} | result.known
-    requeue_from = requeue_states(resubmit_in_doubt=resubmit_in_doubt, retry_failed=retry_failed)
-    plan = SubmissionPlan(prompt_set, [], [], [], [], [], requeue_from)
-    for request in unique.values():
-        key, state = request.request_key, states[request.request_key]
-        if would_create(state, requeue_from):
-            plan.to_submit.append(request)
-        elif state == State.IN_DOUBT:
-            plan.in_doubt.append(key)
-        elif state == State.REJECTED:
-            plan.rejected.append(key)
-        elif state == State.FAILED:
-            plan.failed.append(key)
-        else:
-            plan.reused.append((key, state))
-    return plan
+    selection = resubmit_in_doubt if isinstance(resubmit_in_doubt, InDoubtSelection) else InDoubtSelection.of(resubmit_in_doubt)
+    if dry_run:
+        known = ledger.known(unique)
+    else:
+        ledger.recover_abandoned(stale_after_s=stale_after_s)
+        result = ledger.plan(prompt_set, [planned_request(r) for r in unique.values()])
+        known = result.known
+    return _decide(prompt_set, unique, known, selection, retry_failed, dry_run)
 
 
-class _Outcome(Enum):
-    RELEASE = "release"  # surely not accepted: nothing bought, back to planned
-    IN_DOUBT = "in_doubt"  # may exist and be billed
-    REJECT = "reject"  # the request itself is bad
+def _media_roots(request: CatalogRequestLike, extra_roots: Sequence[Path]) -> tuple[Path, ...]:
+    """Where the client may read this request's local media: the roots its catalog was validated with."""
+    return tuple(allowed_roots_for(Path(request.source_file), extra_roots))
 
 
-def _failure_outcome(exc: BaseException) -> _Outcome:
-    """What a failed create means for the money. When it cannot be known, it is in doubt."""
-    if isinstance(exc, RequestRejected):
-        return _Outcome.REJECT
-    if isinstance(exc, CreateOutcomeUnknown):
-        return _Outcome.IN_DOUBT
-    # Refused at the door, or before it: unreadable media is refused before any call is made.
-    if isinstance(
-        exc,
-        CreateNotAccepted | RateLimited | OutOfCredits | AuthenticationError | MediaError | RequestInvalid,
-    ):
-        return _Outcome.RELEASE
-    if isinstance(exc, ApiError) and exc.status_code is not None:
-        if 400 <= exc.status_code < 500 or exc.status_code in CREATE_RETRY_STATUSES:
-            return _Outcome.RELEASE
-    return _Outcome.IN_DOUBT
-
-
-def _is_expected_create_failure(exc: BaseException) -> bool:
-    """Failures the ledger and the report fully answer; anything else is raised after the batch."""
-    expected = isinstance(exc, ApiError | MediaError | RequestInvalid)
-    return expected and not isinstance(exc, AuthenticationError)
+def _first_poll_at(client: AsyncAimlApiClient, expected: float | None, now: datetime) -> datetime:
+    return now + timedelta(seconds=client.config.poll_schedule.next_delay(0.0, 0, expected))
 
 
 async def submit_planned(
@@ -225,82 +249,97 @@ async def submit_planned(
     plan: SubmissionPlan,
     *,
     max_concurrency: int,
+    run_id: str | None = None,
+    allowed_roots: Sequence[Path] = (),
     expected_seconds_fn: Callable[[VideoRequest], float | None] | None = None,
     now_fn: Callable[[], datetime] = utcnow,
 ) -> SubmissionReport:
-    """Create the plan's requests, at most `max_concurrency` at once, each claimed write-ahead.
+    """Create the plan's requests, at most `max_concurrency` at once, each try recorded write-ahead.
 
-    Creating stops after a 403 (out of credits), a 401 or an unexpected exception: creates in
-    flight finish and are recorded, the rest stay planned. A 401 or an unexpected exception is then
-    raised (its row left in doubt: the create may have been sent). Ledger calls run in threads so
-    a slow database never stalls the event loop under in-flight creates.
+    Creating stops after a 401 (the key) or a 403 (out of credits): creates in flight finish and are
+    recorded, the rest stay planned, and the report says what was bought before the stop. An
+    unexpected exception is raised after the batch, its row settled by what was sent. Ledger calls
+    run in threads so a slow database never stalls the event loop under in-flight creates.
     """
-    report = SubmissionReport.of_plan(plan, dry_run=False)
-    if plan.requeue_from:
-        keys = [r.request_key for r in plan.to_submit]
-        await asyncio.to_thread(ledger.requeue, keys, from_states=plan.requeue_from)
-    schedule = client.config.poll_schedule
+    report = SubmissionReport.of_plan(plan)
+    for state in (State.IN_DOUBT, State.FAILED):
+        keys = [item.request.request_key for item in plan.to_submit if item.requeue_from is state]
+        if keys:
+            await asyncio.to_thread(ledger.requeue, keys, from_states={state})
     expected_seconds = expected_seconds_fn or learned_expectation(ledger, client.config.expected_seconds)
     slots = asyncio.Semaphore(max_concurrency)
-    stop_reasons: list[str] = []  # non-empty once creating must stop
 
-    async def submit_one(request: CatalogRequestLike) -> None:
-        key = request.request_key
+    async def submit_one(item: PlannedCreate) -> None:
+        request, key, attempt = item.request, item.request.request_key, item.attempt
         async with slots:
-            if stop_reasons:
-                report.failed_to_submit.append((key, f"not sent: creating stopped after {stop_reasons[0]}"))
+            if report.stopped_by:
+                report.failed_to_submit.append((key, f"not sent: {report.stopped_by}"))
                 return
-            # Everything that can fail without sending is done before the claim.
             expected = await asyncio.to_thread(expected_seconds, request.request)
-            # Claim only once a slot is free: a claim held while waiting would become a false
-            # in-doubt row if this process died before sending.
-            claim = await asyncio.to_thread(ledger.claim, key)
-            if claim is None:
-                report.reused += 1  # another process holds or finished it
-                return
+            claim = AttemptClaim(plan.prompt_set, item.reason, run_id)
+            sent: list[int] = []  # try numbers sent
+
+            def on_try(event: CreateTry) -> None:
+                # Called by the client in a worker thread: before each try is sent, and once each try's
+                # answer is judged (before any retry wait). An accepted create is recorded below, with
+                # everything its answer carried, in the same transaction as its try's answer.
+                if event.phase == "sending":
+                    ledger.try_sending(key, attempt, event.try_number, event.client_request_id, claim)
+                    sent.append(event.try_number)
+                elif event.created is not True:
+                    ledger.try_answered(
+                        key, attempt, event.try_number,
+                        TryAnswer(event.created, event.status_code, printable(event.detail)),
+                    )
+
             try:
-                generation = await client.submit(request.request, request_key=key, attempt=claim.attempt)
+                generation = await client.submit(
+                    request.request,
+                    request_key=key,
+                    attempt=attempt,
+                    allowed_roots=_media_roots(request, allowed_roots),
+                    media_sha256={"image": request.image_sha256, "audio": request.audio_sha256},
+                    on_try=on_try,
+                )
+            except ClaimLost:
+                if sent:  # another process took it between two of our tries
+                    await asyncio.to_thread(
+                        ledger.finish_attempt, key, attempt, AttemptOutcome.NOT_ACCEPTED,
+                        "another process claimed it between two tries",
+                    )
+                report.reused += 1
+                return
             except BaseException as exc:  # even a cancellation: the create may have been sent
-                message = f"{type(exc).__name__}: {exc}"
-                await _record_failure(ledger, report, key, exc, message)
-                if isinstance(exc, OutOfCredits) or not _is_expected_create_failure(exc):
-                    stop_reasons.append(message)
-                    report.out_of_credits = report.out_of_credits or isinstance(exc, OutOfCredits)
-                if not _is_expected_create_failure(exc):
+                await _record_failure(ledger, report, key, attempt, bool(sent), exc)
+                if getattr(exc, "created", "unexpected") == "unexpected":
                     raise
                 return
-            next_poll_at = now_fn() + timedelta(seconds=schedule.next_delay(0.0, 0, expected))
+            answer = TryAnswer(
+                True,
+                detail="accepted",
+                generation_id=generation.id,
+                raw_status=generation.raw_status,
+                credits_used=generation.credits_used,
+                usd_spent=generation.usd_spent,
+            )
             try:
                 await asyncio.to_thread(
-                    ledger.mark_submitted,
-                    key,
-                    generation.id,
-                    raw_status=generation.raw_status,
-                    credits_used=generation.credits_used,
-                    usd_spent=generation.usd_spent,
-                    next_poll_at=next_poll_at,
-                    expected_seconds=expected,
+                    ledger.try_answered, key, attempt, sent[-1], answer,
+                    next_poll_at=_first_poll_at(client, expected, now_fn()), expected_seconds=expected,
                 )
-            except IllegalTransition:
-                log.error(
-                    "generation %s was created for %s but its claim was lost: record it by hand",
-                    generation.id,
-                    key,
-                )
-                raise
             except Exception as exc:
-                # The create was accepted (paid) but the ledger could not record it: keep the id
-                # where a person will see it, and the row in doubt rather than submitting.
-                log.error("generation %s was created for %s but the ledger write failed: %s", generation.id, key, exc)
-                note = f"created as generation {generation.id}, but recording it failed: {exc}"
+                # Accepted (paid) but not recorded: keep the id on the try's row at least, and settle the
+                # attempt from it (submitted, with its id); the log line is the last resort.
+                log.error("generation %s was created for %s but recording it failed: %s", generation.id, key, exc)
                 with contextlib.suppress(Exception):
-                    await asyncio.to_thread(ledger.mark_in_doubt, key, note)
+                    await asyncio.to_thread(ledger.record_accepted_try, key, attempt, sent[-1], answer)
+                    await asyncio.to_thread(ledger.settle_abandoned_attempt, key, attempt, "recording the answer failed")
                 raise
             report.new += 1
             report.credits_used += generation.credits_used or 0.0
             report.usd_spent += generation.usd_spent or 0.0
 
-    results = await asyncio.gather(*(submit_one(r) for r in plan.to_submit), return_exceptions=True)
+    results = await asyncio.gather(*(submit_one(item) for item in plan.to_submit), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
@@ -308,18 +347,47 @@ async def submit_planned(
 
 
 async def _record_failure(
-    ledger: Ledger, report: SubmissionReport, key: str, exc: BaseException, message: str
+    ledger: Ledger, report: SubmissionReport, key: str, attempt: int, sent: bool, exc: BaseException
 ) -> None:
-    outcome = _failure_outcome(exc)
-    if outcome is _Outcome.REJECT:
-        await asyncio.to_thread(ledger.mark_rejected, key, message)
-        report.rejected.append((key, message))
-    elif outcome is _Outcome.IN_DOUBT:
-        await asyncio.to_thread(ledger.mark_in_doubt, key, message)
+    """Act on what the client says the failure means for the money (`exc.created`)."""
+    message = printable(f"{type(exc).__name__}: {exc}", 500)
+    created = getattr(exc, "created", "unexpected")
+    if created is False:
+        if not sent:  # refused before anything was sent (its image changed, say): no attempt was made
+            await asyncio.to_thread(ledger.note_not_sent, key, message)
+            report.failed_to_submit.append((key, message))
+        elif isinstance(exc, RequestRejected):
+            await asyncio.to_thread(ledger.finish_attempt, key, attempt, AttemptOutcome.REJECTED, message)
+            report.rejected.append((key, message))
+        else:
+            await asyncio.to_thread(ledger.finish_attempt, key, attempt, AttemptOutcome.NOT_ACCEPTED, message)
+            report.failed_to_submit.append((key, message))
+        if isinstance(exc, AuthenticationError | OutOfCredits) and not report.stopped_by:
+            report.auth_failed = isinstance(exc, AuthenticationError)
+            report.out_of_credits = isinstance(exc, OutOfCredits)
+            report.stopped_by = f"creating stopped after {message}"
+        return
+    # May have been created (None), or an unexpected failure: settle the attempt by what was sent.
+    state = await asyncio.to_thread(ledger.settle_abandoned_attempt, key, attempt, message) if sent else None
+    row = await asyncio.to_thread(ledger.row, key)
+    if state is State.IN_DOUBT or (row is not None and row.state is State.IN_DOUBT and sent):
         report.in_doubt.append(key)
-    else:
-        await asyncio.to_thread(ledger.release, key, message)
+    elif not sent:
         report.failed_to_submit.append((key, message))
+
+
+def check_budget(plans: Collection[SubmissionPlan], max_usd: float | None) -> None:
+    """Refuse before any create when what these plans would newly buy is estimated above `max_usd`."""
+    if max_usd is None:
+        return
+    estimate = sum(plan.estimated_usd for plan in plans)
+    if estimate > max_usd:
+        count = sum(len(plan.to_submit) for plan in plans)
+        names = ", ".join(plan.prompt_set for plan in plans)
+        raise BudgetExceeded(
+            f"{names}: would newly buy {count} generation(s) estimated at ${estimate:.4f}, above the limit of "
+            f"${max_usd:.4f}; nothing was submitted"
+        )
 
 
 def submit_prompt_set(
@@ -331,27 +399,35 @@ def submit_prompt_set(
     max_concurrency: int = 8,
     max_usd: float | None = None,
     dry_run: bool = False,
-    resubmit_in_doubt: bool = False,
+    resubmit_in_doubt: InDoubtSelection | bool | str | Iterable[str] | None = None,
     retry_failed: bool = False,
+    run_id: str | None = None,
+    allowed_roots: Sequence[Path] = (),
 ) -> SubmissionReport:
-    """Plan, guard the budget, then create what the ledger has not bought (nothing on a dry run).
+    """Plan, guard the budget, then create what this API has not bought (nothing on a dry run).
 
     `max_usd` bounds the estimate of what this run would newly create; above it `BudgetExceeded` is
-    raised before any create (a dry run too: it answers "would this run go ahead?").
+    raised before any create (a dry run too: it answers "would this run go ahead?"). A dry run writes
+    nothing to the ledger.
     """
+    requests = list(requests)
+    plan = plan_submission(
+        ledger, prompt_set, requests, resubmit_in_doubt=resubmit_in_doubt, retry_failed=retry_failed, dry_run=True
+    )
+    check_budget([plan], max_usd)  # before anything is written
+    if dry_run:
+        return SubmissionReport.of_plan(plan)
     plan = plan_submission(
         ledger, prompt_set, requests, resubmit_in_doubt=resubmit_in_doubt, retry_failed=retry_failed
     )
-    if max_usd is not None and plan.estimated_usd > max_usd:
-        raise BudgetExceeded(
-            f"prompt set {prompt_set!r} would newly submit {len(plan.to_submit)} request(s) estimated at "
-            f"${plan.estimated_usd:.4f}, above the limit of ${max_usd:.4f}; nothing was submitted"
-        )
-    if dry_run or not plan.to_submit:
-        return SubmissionReport.of_plan(plan, dry_run=dry_run)
+    check_budget([plan], max_usd)  # the ledger may have moved on since the first read
+    if not plan.to_submit:
+        return SubmissionReport.of_plan(plan)
 
     async def run() -> SubmissionReport:
         async with client_factory() as client:
-            return await submit_planned(ledger, client, plan, max_concurrency=max_concurrency)
+            return await submit_planned(
+                ledger, client, plan, max_concurrency=max_concurrency, run_id=run_id, allowed_roots=allowed_roots
+            )
 
     return asyncio.run(run())

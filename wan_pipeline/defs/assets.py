@@ -8,13 +8,12 @@ from collections.abc import Iterator
 import dagster as dg
 import pandas as pd
 
-from wan_pipeline.api import AuthenticationError
 from wan_pipeline.catalog import CatalogError, requests_from_dataframe
 from wan_pipeline.collection import collect_videos
 from wan_pipeline.ledger import LedgerRow, State
 from wan_pipeline.media import contact_sheet
 from wan_pipeline.polling import wait_until_terminal
-from wan_pipeline.submission import BudgetExceeded, submit_prompt_set
+from wan_pipeline.submission import BudgetExceeded, SubmissionPlan, plan_submission, submit_prompt_set
 
 from .partitions import prompt_sets
 from .resources import AimlApiResource, CatalogResource, LedgerResource, VideoStoreResource
@@ -98,30 +97,64 @@ def generation_requests(context: dg.AssetExecutionContext, catalog: CatalogResou
 
 class SubmissionConfig(dg.Config):
     dry_run: bool = False
-    """List what would be submitted and its cost; submit nothing."""
+    """Show what would be bought, reused and left alone, and its cost; write nothing, buy nothing."""
     max_usd: float | None = None
     """Refuse to start when the estimate of what this run would newly buy exceeds it."""
-    resubmit_in_doubt: bool = False
-    """Resubmit generations whose create answer was lost (they may already be paid for)."""
+    resubmit_in_doubt: list[str] = []
+    """Buy again in-doubt generations (they may already be paid for): "all", this set's name, or request keys."""
     retry_failed: bool = False
     """Resubmit generations the provider reported as failed."""
 
 
-@dg.asset(**PROMPT_SET_ASSET, group_name="generation", kinds={"api"}, pool="aimlapi")
+def _plan_metadata(plan: SubmissionPlan) -> dict:
+    return {
+        "would_buy": len(plan.to_submit),
+        "would_spend_usd": round(plan.estimated_usd, 4),
+        "would_reuse": len(plan.reused),
+        "in_doubt_left_alone": len(plan.in_doubt),
+        "plan": _markdown_table(
+            pd.DataFrame(
+                {
+                    "request_key": [item.request.request_key for item in plan.to_submit],
+                    "why": [str(item.reason) for item in plan.to_submit],
+                    "estimated_usd": [item.request.estimated_usd for item in plan.to_submit],
+                }
+            )
+        ),
+    }
+
+
+@dg.asset(**PROMPT_SET_ASSET, group_name="generation", kinds={"api"}, pool="aimlapi", output_required=False)
 def submitted_generations(
     context: dg.AssetExecutionContext,
     config: SubmissionConfig,
     generation_requests: pd.DataFrame,
     aimlapi: AimlApiResource,
     ledger: LedgerResource,
+    catalog: CatalogResource,
 ) -> Iterator[dg.Output[pd.DataFrame]]:
-    """Creates the generations the ledger has not bought yet (write-ahead), and reuses the rest.
+    """Creates the generations this API has not bought yet (write-ahead, every try recorded), and
+    reuses the rest.
 
-    When the API runs out of credits midway, what was bought is still stored (so it is collected)
-    and then the step fails, loudly.
+    A dry run writes nothing and materializes nothing: the plan is logged and recorded as an
+    observation. When the API answers 401 or 403 midway, what was bought before is stored (so it is
+    collected) and then the step fails, saying how many were bought and what stopped it.
     """
     requests = requests_from_dataframe(generation_requests)
-    store = ledger.get()
+    store = ledger.get(aimlapi)
+    if config.dry_run:
+        plan = plan_submission(
+            store, context.partition_key, requests, resubmit_in_doubt=config.resubmit_in_doubt,
+            retry_failed=config.retry_failed, dry_run=True,
+        )
+        context.log.info(f"dry run, nothing bought: {plan.describe()}")
+        context.log_event(
+            dg.AssetObservation(
+                asset_key=context.asset_key, partition=context.partition_key,
+                metadata={"dry_run": True, **_plan_metadata(plan)},
+            )
+        )
+        return
     try:
         report = submit_prompt_set(
             store,
@@ -130,20 +163,17 @@ def submitted_generations(
             requests,
             max_concurrency=aimlapi.max_concurrency,
             max_usd=config.max_usd,
-            dry_run=config.dry_run,
             resubmit_in_doubt=config.resubmit_in_doubt,
             retry_failed=config.retry_failed,
+            run_id=context.run_id,
+            allowed_roots=catalog.roots(),
         )
     except BudgetExceeded as exc:
         raise dg.Failure(description=str(exc)) from None
-    except AuthenticationError as exc:
-        raise dg.Failure(
-            description=f"The API rejected the key (401): check AIMLAPI_API_KEY. Nothing was created. {exc.message}",
-            metadata={"stops_submission": True},
-        ) from None
     rows = store.rows_for_keys(r.request_key for r in requests)
     frame = _rows_frame(rows)
     metadata = {
+        "api_scope": store.scope,
         "new": report.new,
         "reused": report.reused,
         "in_doubt": len(report.in_doubt),
@@ -151,27 +181,27 @@ def submitted_generations(
         "not_submitted": len(report.failed_to_submit),
         "credits_used": float(report.credits_used or 0),
         "usd_spent": round(float(report.usd_spent or 0), 4),
-        "dry_run": config.dry_run,
         "dagster/row_count": len(frame),
     }
-    if config.dry_run:
-        metadata["would_submit"] = _markdown_table(
-            pd.DataFrame({"request_key": [r.request_key for r in report.would_submit],
-                          "estimated_usd": [r.estimated_usd for r in report.would_submit]})
-        )
-        metadata["would_spend_usd"] = round(sum(r.estimated_usd for r in report.would_submit), 4)
     if report.rejected:
         metadata["rejections"] = dg.MetadataValue.md("\n".join(f"- `{k}`: {m}" for k, m in report.rejected))
+    if report.failed_to_submit:
+        metadata["not_submitted_why"] = dg.MetadataValue.md(
+            "\n".join(f"- `{k}`: {m}" for k, m in report.failed_to_submit[:PREVIEW_ROWS])
+        )
     context.log.info(
-        f"{context.partition_key}: {report.new} new, {report.reused} reused, {len(report.in_doubt)} in doubt, "
-        f"{len(report.rejected)} rejected, ${float(report.usd_spent or 0):.4f} spent"
+        f"{context.partition_key} on {store.scope}: {report.new} new, {report.reused} reused, "
+        f"{len(report.in_doubt)} in doubt, {len(report.rejected)} rejected, ${float(report.usd_spent or 0):.4f} spent"
     )
     yield dg.Output(frame, metadata=metadata)
-    if report.out_of_credits:
+    if report.stopped_by:
+        what = "the API rejected the key (401): check AIMLAPI_API_KEY" if report.auth_failed else (
+            "the API is out of credits (403)" if report.out_of_credits else report.stopped_by)
         raise dg.Failure(
-            description=f"The API answered 403 (out of credits): submission stopped after {report.new} new "
-            f"generation(s); {len(report.failed_to_submit)} were not sent and not charged.",
-            metadata={"stops_submission": True},
+            description=f"Submission stopped: {what}. Bought {report.new} generation(s) for "
+            f"${report.usd_spent:.4f} before it (stored, and collected like any other); "
+            f"{len(report.failed_to_submit)} not sent and not charged.",
+            metadata={"stops_submission": True, "new": report.new, "usd_spent": round(report.usd_spent, 4)},
         )
 
 
@@ -195,7 +225,7 @@ def generation_results(
 
     Failed generations do not fail the asset: they are counted and listed.
     """
-    store = ledger.get()
+    store = ledger.get(aimlapi)
     keys = list(submitted_generations["request_key"])
     still_pending = wait_until_terminal(
         store,
@@ -246,7 +276,7 @@ def downloaded_videos(
     """Every completed video at `<output>/<set>/<request_key>.mp4` with a `.json` provenance sidecar."""
     requests = requests_from_dataframe(generation_requests)
     store = video_store.get()
-    report = collect_videos(ledger.get(), aimlapi.client_config(), store, requests)
+    report = collect_videos(ledger.get(aimlapi), aimlapi.async_client, store, requests)
     by_key = {r.request_key: r for r in requests}
     frame = pd.DataFrame(
         {
@@ -258,13 +288,15 @@ def downloaded_videos(
             "height": [v.probe.get("height") for v in report.videos],
             "duration_s": [v.probe.get("duration_s") for v in report.videos],
             "has_audio": [v.probe.get("has_audio") for v in report.videos],
-            "downloaded_now": [v.downloaded for v in report.videos],
+            "stored_how": [v.how for v in report.videos],
         }
     )
     metadata: dict = {
         "videos": len(report.videos),
-        "downloaded": report.downloaded,
-        "already_verified": report.skipped_verified,
+        "downloaded": report.count("downloaded"),
+        "copied_from_other_sets": report.count("copied"),
+        "already_verified": report.count("kept"),
+        "temporaries_swept": len(report.swept),
         "bytes_downloaded": report.bytes_downloaded,
         "refreshed_urls": report.refreshed_urls,
         "seconds_of_video": float(frame["duration_s"].sum()) if len(frame) else 0.0,

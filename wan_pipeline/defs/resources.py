@@ -10,6 +10,7 @@ from pydantic import Field
 from wan_pipeline.api import AimlApiClient, AsyncAimlApiClient, ClientConfig
 from wan_pipeline.catalog import PromptSet, discover_prompt_sets, load_prompt_set
 from wan_pipeline.ledger import Ledger
+from wan_pipeline.scopes import api_scope
 from wan_pipeline.settings import DEFAULT_BASE_URL, Secret
 from wan_pipeline.storage import VideoStore
 
@@ -34,6 +35,10 @@ class AimlApiResource(dg.ConfigurableResource):
             read_timeout=self.read_timeout_s,
         )
 
+    def scope(self) -> str:
+        """The ledger scope of this API: what it bought is never counted as bought on another."""
+        return api_scope(self.base_url)
+
     def client(self) -> AimlApiClient:
         return AimlApiClient(self.client_config())
 
@@ -42,16 +47,17 @@ class AimlApiResource(dg.ConfigurableResource):
 
 
 @cache
-def _ledger(url: str) -> Ledger:
-    # One engine (connection pool) per process and URL, shared by assets, checks and sensors.
-    return Ledger(url)
+def _ledger(url: str, scope: str) -> Ledger:
+    # One engine (connection pool) per process, URL and scope, shared by assets, checks and sensors.
+    return Ledger(url, scope=scope)
 
 
 class LedgerResource(dg.ConfigurableResource):
     url: str = Field(description="SQLAlchemy URL: sqlite:///data/ledger.sqlite or postgresql://...")
 
-    def get(self) -> Ledger:
-        return _ledger(self.url)
+    def get(self, api: AimlApiResource) -> Ledger:
+        """The ledger as seen from the API in use."""
+        return _ledger(self.url, api.scope())
 
 
 class VideoStoreResource(dg.ConfigurableResource):
@@ -67,6 +73,9 @@ class CatalogResource(dg.ConfigurableResource):
         default_factory=list, description="Extra folders that local image paths may point into."
     )
 
+    def roots(self) -> list[Path]:
+        return [Path(r) for r in self.allowed_roots]
+
     def files(self) -> dict[str, Path]:
         return discover_prompt_sets(Path(self.catalog_dir))
 
@@ -76,4 +85,4 @@ class CatalogResource(dg.ConfigurableResource):
             raise dg.Failure(
                 description=f"No prompt-set file named {prompt_set}.yaml/.yml/.csv in {self.catalog_dir}",
             )
-        return load_prompt_set(files[prompt_set], allowed_roots=[Path(r) for r in self.allowed_roots])
+        return load_prompt_set(files[prompt_set], allowed_roots=self.roots())

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from wan_pipeline.collection import SetProgress, set_progress
+from wan_pipeline.ledger import SetProgress
 from wan_pipeline.polling import poll_due
 from wan_pipeline.storage import SLUG, file_sha256
 
@@ -78,12 +78,13 @@ def collection_run_request(prompt_set: str, progress: SetProgress) -> dg.RunRequ
     minimum_interval_seconds=10,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Polls the generations that are due (adaptive, per generation), writes their states to the "
-    "ledger, and requests a collection run for each prompt set whose generations are all terminal.",
+    "ledger, and requests a collection run for each prompt set with finished videos not yet stored, once "
+    "its generations are all terminal (or its finished ones have waited 10 min for stragglers).",
 )
 def generation_completion_sensor(
     context: dg.SensorEvaluationContext, aimlapi: AimlApiResource, ledger: LedgerResource
 ) -> dg.SensorResult:
-    store = ledger.get()
+    store = ledger.get(aimlapi)
     report = poll_due(store, aimlapi.client_config(), limit=TICK_POLL_LIMIT, time_budget_s=TICK_TIME_BUDGET_S)
     if report.polled or report.errors:
         context.log.info(
@@ -97,7 +98,7 @@ def generation_completion_sensor(
     run_requests = []
     now = datetime.now(UTC)
     for prompt_set in context.instance.get_dynamic_partitions(prompt_sets.name):
-        progress = set_progress(store, prompt_set)
+        progress = store.progress(prompt_set)
         if not progress.should_collect(now) or requested.get(prompt_set) == progress.fingerprint:
             continue
         requested[prompt_set] = progress.fingerprint
