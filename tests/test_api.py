@@ -38,9 +38,12 @@ from wan_pipeline.api import (
     Generation,
     GenerationNotFound,
     OutOfCredits,
+    PollSchedule,
     RateLimited,
     Reply,
     RequestRejected,
+    RetryEvent,
+    RetryPolicy,
     ServerError,
     TransportError,
     WaitTimeout,
@@ -49,11 +52,6 @@ from wan_pipeline.api import (
     error_from_reply,
     normalize_status,
     parse_generation,
-)
-from wan_pipeline.api_retry import (
-    PollSchedule,
-    RetryEvent,
-    RetryPolicy,
     parse_retry_after,
     request_error_is_transient,
     request_never_sent,
@@ -396,6 +394,12 @@ class BlockingAsyncClient:
     def close(self) -> None:
         self._loop.run_until_complete(self.client.aclose())
         self._loop.close()
+
+
+@pytest.fixture
+def client_config(client_config: ClientConfig, tmp_path: Path) -> ClientConfig:
+    """The shared emulator config, allowed to read this test's own files (nothing else is)."""
+    return dataclasses.replace(client_config, allowed_roots=(tmp_path,))
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -769,7 +773,7 @@ def test_provider_rejection_maps_to_request_rejected(emulator: Any, client_confi
         headers={"Authorization": f"Bearer {client_config.api_key.reveal()}"},
         json={"model": "alibaba/wan-2-6-i2v", "prompt": "x", "image_url": HTTP_IMAGE, "resolution": "480p"},
     )
-    error = error_from_reply(Reply.from_response(response), what="create")
+    error = error_from_reply(Reply(response.status_code, response.headers, response.content), what="create")
     assert isinstance(error, RequestRejected) and error.status_code == 400 and error.request_id
     assert "Body validation error!" in error.message and "'480p'" in error.message
     assert error.details and error.details[0]["path"] == ["resolution"]
@@ -864,9 +868,14 @@ def test_a_local_image_is_encoded_once_until_it_changes(tmp_path, monkeypatch) -
     real_read = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real_read(self))
 
-    first = sources.wire_reference(str(path), "image", WAN_2_6_I2V)
-    assert sources.wire_reference(str(path), "image", WAN_2_6_I2V) == first and len(reads) == 1
+    def wire() -> tuple[str, str | None]:
+        return sources.wire_reference(str(path), "image", WAN_2_6_I2V, allowed_roots=[tmp_path])
+
+    first = wire()
+    assert first[1] == hashlib.sha256(real_read(path)).hexdigest()
+    assert wire() == first and len(reads) == 1
     Image.new("RGB", (500, 400), (200, 20, 30)).save(path)  # edited in place: new size and mtime
-    changed = sources.wire_reference(str(path), "image", WAN_2_6_I2V)
-    assert changed != first and len(reads) == 2
-    assert base64.b64decode(changed.split(",", 1)[1]) == path.read_bytes()
+    changed_uri, changed_sha256 = wire()
+    assert changed_uri != first[0] and len(reads) == 2
+    assert base64.b64decode(changed_uri.split(",", 1)[1]) == real_read(path)
+    assert changed_sha256 == hashlib.sha256(real_read(path)).hexdigest()
