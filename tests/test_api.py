@@ -32,6 +32,7 @@ from wan_pipeline.api import (
     ClientConfig,
     CreateNotAccepted,
     CreateOutcomeUnknown,
+    CreateTry,
     DownloadExpired,
     DownloadSink,
     DownloadTooLarge,
@@ -804,7 +805,7 @@ def test_async_client_bounds_calls_in_flight(
     assert peak <= 2
 
 
-def test_api_key_never_reaches_logs_exceptions_or_reprs(
+def test_api_key_never_reaches_logs_exceptions_reprs_events_or_files(
     emulator: Any,
     client_config: ClientConfig,
     make_client: Callable[..., Any],
@@ -817,11 +818,15 @@ def test_api_key_never_reaches_logs_exceptions_or_reprs(
         caplog.set_level(logging.DEBUG, logger=name)
     key = client_config.api_key.reveal()
     client = make_client(client_config, sleep=lambda _s: None)
-    done = client.wait(client.submit(make_request(image_path)).id, deadline_s=10)
+    events: list[CreateTry] = []
+    done = client.wait(client.submit(make_request(image_path), on_try=events.append).id, deadline_s=10)
     client.download(done.video_url, tmp_path / "video.mp4")
     errors: list[BaseException] = []
     emulator.update_faults(create_500_rate=1.0, get_503_rate=1.0)
-    for call in (lambda: client.submit(make_request(image_path)), lambda: client.get(done.id)):
+    for call in (
+        lambda: client.submit(make_request(image_path), on_try=events.append),
+        lambda: client.get(done.id),
+    ):
         with pytest.raises(ApiError) as failed:
             call()
         errors.append(failed.value)
@@ -834,10 +839,15 @@ def test_api_key_never_reaches_logs_exceptions_or_reprs(
     assert any(record.name == "wan_pipeline.api" for record in caplog.records)
     texts = [caplog.text, *(record.getMessage() for record in caplog.records)]
     texts += [str(error) for error in errors] + [repr(error) for error in errors]
-    texts += [repr(client), repr(wrong), repr(client_config), repr(done)]
+    texts += [repr(vars(error)) for error in errors] + [repr(event) for event in events]
+    shells = [getattr(c, "client", c) for c in (client, wrong)]  # the async shell inside its wrapper
+    texts += [repr(client), repr(wrong), repr(client_config), repr(done)] + [repr(vars(s)) for s in shells]
+    assert len(events) == 4
     for text in texts:
         assert key not in text
         assert "base64," not in text  # nor the image the body carried
+    for written in tmp_path.rglob("*"):
+        assert not written.is_file() or key.encode() not in written.read_bytes()
 
 
 def test_counted_bytes_over_the_limit_abort_the_atomic_write(tmp_path: Path) -> None:
