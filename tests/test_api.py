@@ -33,6 +33,7 @@ from wan_pipeline.api import (
     CreateNotAccepted,
     CreateOutcomeUnknown,
     CreateTry,
+    DeadlineExceeded,
     DownloadExpired,
     DownloadSink,
     DownloadTooLarge,
@@ -51,6 +52,7 @@ from wan_pipeline.api import (
     build_create_body,
     client_request_id,
     error_from_reply,
+    max_video_bytes,
     normalize_status,
     parse_generation,
     parse_retry_after,
@@ -153,8 +155,76 @@ def test_parse_error_message_falls_back_to_detail() -> None:
 
 
 def test_parse_refuses_an_answer_without_id() -> None:
-    with pytest.raises(ValueError):
-        parse_generation({"status": "queued"})
+    for payload in ({"status": "queued"}, {"id": "", "generation_id": None}, {"id": 42}):
+        with pytest.raises(ValueError):
+            parse_generation(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "generation_id"),
+    [
+        ({"id": "g1"}, "g1"),
+        ({"generation_id": "g2"}, "g2"),  # a sibling model's shape: a paid id is never lost to it
+        ({"id": "g1", "generation_id": "other"}, "g1"),  # the documented field wins
+        ({"id": None, "generation_id": "g2"}, "g2"),
+        ({"id": "g1", "unknown": {"nested": [1, 2]}, "extra": True}, "g1"),  # unknown fields are ignored
+    ],
+)
+def test_the_generation_id_is_read_where_the_sdk_reads_it(payload: dict, generation_id: str) -> None:
+    generation = parse_generation({"status": "queued", **payload})
+    assert generation.id == generation_id and generation.raw == {"status": "queued", **payload}
+
+
+URL = "https://cdn.example.com/v.mp4?Expires=1767805107"
+
+
+@pytest.mark.parametrize(
+    ("payload", "video_url"),
+    [
+        ({"video": {"url": URL}}, URL),
+        ({"video": URL}, URL),
+        ({"video_url": URL}, URL),
+        ({"url": URL}, URL),
+        ({"output": {"video_url": URL}}, URL),
+        ({"output": {"url": URL}}, URL),
+        ({"videos": [{"url": URL}, {"url": "https://second"}]}, URL),
+        ({"result": {"video": {"url": URL}}}, URL),
+        (
+            {"video": {"url": URL}, "video_url": "https://elsewhere", "url": "https://x"},
+            URL,
+        ),  # documented first
+        ({"video": {"url": ""}, "video_url": URL}, URL),
+        ({"videos": [], "output": None, "video": 7}, None),
+        ({}, None),
+    ],
+)
+def test_the_video_url_is_read_from_the_documented_place_then_sibling_shapes(
+    payload: dict, video_url: str | None
+) -> None:
+    generation = parse_generation({"id": "g", "status": "completed", **payload})
+    assert generation.video_url == video_url
+    assert (generation.video_expires_at is not None) == (video_url is not None)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "duration_s", "at_least", "at_most"),
+    [
+        ("720p", 5, 8_000_000, 25_000_000),  # the service's 5 s 720p video is a few MB
+        ("1080p", 5, 15_000_000, 40_000_000),
+        ("1080p", 15, 60_000_000, 100_000_000),
+        ("4k", 5, 15_000_000, 40_000_000),  # unknown: the highest ceiling, never a small cap
+    ],
+)
+def test_video_cap_grows_with_resolution_and_duration(
+    resolution: str, duration_s: int, at_least: int, at_most: int
+) -> None:
+    assert at_least <= max_video_bytes(resolution, duration_s) <= at_most
+    assert max_video_bytes(resolution, duration_s, margin=4) > max_video_bytes(resolution, duration_s)
+    request = VideoRequest(image_url=HTTP_IMAGE, prompt="p", resolution="720p", duration=5)
+    assert ClientConfig(max_download_bytes=1000).max_video_bytes_for(request) == 1000
+    assert ClientConfig(video_size_margin=3).max_video_bytes_for(request) == max_video_bytes(
+        "720p", 5, margin=3
+    )
 
 
 @pytest.mark.parametrize(
@@ -469,7 +539,9 @@ def test_submit_poll_download_lifecycle(
     assert generation.video_expires_at is not None and generation.video_expires_at > datetime.now(UTC)
 
     destination = tmp_path / "out" / "video.mp4"
-    size, sha256 = client.download(generation.video_url, destination)
+    # Capped as the pipeline caps it: by what this request can weigh, not by the 4 GiB ceiling.
+    cap = client_config.max_video_bytes_for(make_request(image_path))
+    size, sha256 = client.download(generation.video_url, destination, max_bytes=cap)
     data = destination.read_bytes()
     assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert data[4:8] == b"ftyp"
@@ -723,6 +795,91 @@ def test_download_larger_than_declared_limit_writes_nothing(
     with pytest.raises(DownloadTooLarge):
         client.download(f"{emulator.base_url}/_emulator/blob/5000", tmp_path / "big.bin")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_oversize_video_is_refused_by_the_requests_cap_and_nothing_is_kept(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    request = make_request(image_path)
+    cap = client_config.max_video_bytes_for(request)
+    client = make_client(client_config, sleep=lambda _s: None)
+    done = client.wait(client.submit(request).id, deadline_s=10)
+    emulator.update_faults(oversize_video_bytes=cap + 1)
+    destination = image_path.parent / "out" / "video.mp4"
+    destination.parent.mkdir()
+    with pytest.raises(DownloadTooLarge):
+        client.download(done.video_url, destination, max_bytes=cap)
+    assert list(destination.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("status", [500, 504])
+def test_a_create_charged_then_answered_500_or_504_is_in_doubt(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path, status: int
+) -> None:
+    emulator.update_faults(**{f"create_{status}_after_create_rate": 1.0})
+    events: list[CreateTry] = []
+    client = make_client(client_config)
+    with pytest.raises(CreateOutcomeUnknown) as unknown:
+        client.submit(make_request(image_path), request_key=REQUEST_KEY, on_try=events.append)
+    assert unknown.value.created is None and unknown.value.status_code == status
+    assert [(e.phase, e.created, e.status_code) for e in events] == [
+        ("sending", None, None),
+        ("answered", None, status),
+    ]
+    stats = emulator.stats()
+    assert stats["accepted_creates"] == 1 and stats["credits_charged"] > 0  # money did move
+
+
+def test_a_revoked_key_is_an_authentication_error_that_bought_nothing(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    emulator.update_faults(auth_fail_after_creates=1)
+    client = make_client(client_config)
+    client.submit(make_request(image_path))
+    with pytest.raises(AuthenticationError) as refused:
+        client.submit(make_request(image_path, seed=8), request_key=REQUEST_KEY)
+    assert refused.value.created is False and refused.value.client_request_id == f"wanp-{REQUEST_KEY}-1.1"
+    assert emulator.stats()["accepted_creates"] == 1
+
+
+# 8 bytes a second, 2 at a time: every read gets data within the read timeout, so only the
+# whole-call deadline can end these calls.
+TRICKLE = {"trickle_bytes_per_s": 8.0}
+
+
+def test_a_trickling_create_answer_hits_its_deadline_and_stays_in_doubt(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    emulator.update_faults(create_trickle_rate=1.0, **TRICKLE)
+    client = make_client(dataclasses.replace(client_config, create_deadline_s=0.5))
+    with pytest.raises(CreateOutcomeUnknown, match="within") as unknown:
+        client.submit(make_request(image_path))
+    assert unknown.value.created is None
+    assert emulator.stats()["accepted_creates"] == 1  # the server did create it: in doubt is right
+
+
+def test_a_trickling_poll_answer_hits_its_deadline(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    client = make_client(dataclasses.replace(client_config, get_deadline_s=0.5))
+    generation = client.submit(make_request(image_path))
+    emulator.update_faults(get_trickle_rate=1.0, **TRICKLE)
+    with pytest.raises(DeadlineExceeded, match="0.5 s"):
+        client.get(generation.id)
+    assert counts(emulator, GET) == {"200": 1}  # not retried: the deadline covers the retries too
+
+
+def test_a_trickling_download_hits_its_deadline_and_leaves_no_file(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    client = make_client(dataclasses.replace(client_config, download_deadline_s=0.5), sleep=lambda _s: None)
+    done = client.wait(client.submit(make_request(image_path)).id, deadline_s=10)
+    emulator.update_faults(download_trickle_rate=1.0, **TRICKLE)
+    destination = image_path.parent / "out" / "video.mp4"
+    destination.parent.mkdir()
+    with pytest.raises(DeadlineExceeded):
+        client.download(done.video_url, destination)
+    assert list(destination.parent.iterdir()) == []
 
 
 def test_download_cut_midway_leaves_no_final_file(
