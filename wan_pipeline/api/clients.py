@@ -12,7 +12,7 @@ import hashlib
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
@@ -147,12 +147,33 @@ def _trace_of(http: httpx.Client | httpx.AsyncClient, budget: CallBudget) -> Cal
     return budget.atrace if isinstance(http, httpx.AsyncClient) else budget.trace
 
 
-def _advance(steps: Steps[T], outcome: Any, error: httpx.RequestError | None) -> tuple[bool, Any]:
-    """Feed the last outcome (or transport error) to the protocol: (True, result) or (False, next action)."""
-    try:
-        return False, steps.send(outcome) if error is None else steps.throw(error)
-    except StopIteration as done:
-        return True, done.value
+class _Stepper:
+    """Drives the protocol's steps: iterating yields each action to perform; the shell sets
+    `outcome` (or `error`, a transport error the protocol judges) before asking for the next one.
+    On leaving the `with` block, however, the steps are closed."""
+
+    def __init__(self, steps: Steps[Any]):
+        self._steps = steps
+        self.outcome: Any = None
+        self.error: httpx.RequestError | None = None
+        self.result: Any = None
+
+    def __enter__(self) -> _Stepper:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._steps.close()
+
+    def __iter__(self) -> Iterator[Action]:
+        while True:
+            outcome, error = self.outcome, self.error
+            self.outcome, self.error = None, None
+            try:
+                action = self._steps.send(outcome) if error is None else self._steps.throw(error)
+            except StopIteration as done:
+                self.result = done.value
+                return
+            yield action
 
 
 class _ClientBase:
@@ -267,20 +288,13 @@ class AimlApiClient(_ClientBase):
         )
 
     def _run(self, steps: Steps[T]) -> T:
-        outcome: Any = None
-        error: httpx.RequestError | None = None
-        try:
-            while True:
-                done, item = _advance(steps, outcome, error)
-                if done:
-                    return item
-                outcome, error = None, None
+        with _Stepper(steps) as stepper:
+            for action in stepper:
                 try:
-                    outcome = self._perform(item)
+                    stepper.outcome = self._perform(action)
                 except httpx.RequestError as exc:
-                    error = exc
-        finally:
-            steps.close()
+                    stepper.error = exc
+        return stepper.result
 
     def _perform(self, action: Action) -> Any:
         if isinstance(action, NotifyTry):
@@ -397,20 +411,13 @@ class AsyncAimlApiClient(_ClientBase):
         )
 
     async def _run(self, steps: Steps[T]) -> T:
-        outcome: Any = None
-        error: httpx.RequestError | None = None
-        try:
-            while True:
-                done, item = _advance(steps, outcome, error)
-                if done:
-                    return item
-                outcome, error = None, None
+        with _Stepper(steps) as stepper:
+            for action in stepper:
                 try:
-                    outcome = await self._perform(item)
+                    stepper.outcome = await self._perform(action)
                 except httpx.RequestError as exc:
-                    error = exc
-        finally:
-            steps.close()
+                    stepper.error = exc
+        return stepper.result
 
     async def _perform(self, action: Action) -> Any:
         if isinstance(action, NotifyTry):
