@@ -83,7 +83,10 @@ def test_sample_catalog_is_valid_and_small():
     assert [r.name for r in reports] == ["product_shots", "spring_campaign"]
     assert all(r.ok for r in reports), format_reports(reports)
     assert 5 <= sum(r.count for r in reports) <= 8
-    assert sorted(discover_prompt_sets(REPO / "configs" / "prompt_sets")) == ["product_shots", "spring_campaign"]
+    assert sorted(discover_prompt_sets(REPO / "configs" / "prompt_sets")) == [
+        "product_shots",
+        "spring_campaign",
+    ]
     for image in (REPO / "data" / "images").iterdir():
         with Image.open(image) as opened:
             assert all(360 <= side <= 2000 for side in opened.size)
@@ -93,7 +96,9 @@ def test_sample_catalog_is_valid_and_small():
 # --- golden reports --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("catalog_file, golden", [("broken.yaml", "broken_yaml.txt"), ("broken.csv", "broken_csv.txt")])
+@pytest.mark.parametrize(
+    "catalog_file, golden", [("broken.yaml", "broken_yaml.txt"), ("broken.csv", "broken_csv.txt")]
+)
 def test_broken_catalog_report_matches_golden(catalog_file, golden):
     report = format_reports(validate_paths([FIXTURES / catalog_file]))
     assert report == (GOLDEN / golden).read_text(encoding="utf-8").rstrip("\n")
@@ -118,18 +123,73 @@ def test_load_raises_every_problem_that_validate_reports():
         ("two_docs.yaml", "items: []\n---\nitems: []\n", "line 2", "malformed YAML"),
         ("grid_list.yaml", "grid: [img.png]\n", "line 1", "grid: got ['img.png'], allowed: a mapping"),
         ("grid_half.yaml", "grid:\n  images: [img.png]\n", "line 1", "grid: `prompts` is missing"),
-        ("grid_axis.yaml", "grid:\n  images: img.png\n  prompts: [p]\n", "line 2", "images: got 'img.png', allowed: a non-empty list"),
-        ("grid_singular.yaml", "grid:\n  images: [img.png]\n  prompts: [p]\n  seed: [1]\n", "line 4", "write `seeds` as a list"),
-        ("both_seeds.yaml", "items:\n  - image: img.png\n    prompt: p\n    seed: 1\n    seeds: [2]\n", "line 5", "`seed` and `seeds` are both given"),
-        ("empty_seeds.yaml", "items:\n  - image: img.png\n    prompt: p\n    seeds: []\n", "line 4", "seeds: got [], allowed: a non-empty list"),
-        ("twice.yaml", "items:\n  - image: img.png\n    prompt: p\n    prompt: q\n", "line 4", "prompt: written twice"),
-        ("top.yaml", "colour: red\nitems:\n  - {image: img.png, prompt: p}\n", "line 1", "colour: unknown top-level key"),
-        ("items_map.yaml", "items: {image: img.png}\n", "line 1", "items: got {'image': 'img.png'}, allowed: a list"),
+        (
+            "grid_axis.yaml",
+            "grid:\n  images: img.png\n  prompts: [p]\n",
+            "line 2",
+            "images: got 'img.png', allowed: a non-empty list",
+        ),
+        (
+            "grid_singular.yaml",
+            "grid:\n  images: [img.png]\n  prompts: [p]\n  seed: [1]\n",
+            "line 4",
+            "write `seeds` as a list",
+        ),
+        (
+            "both_seeds.yaml",
+            "items:\n  - image: img.png\n    prompt: p\n    seed: 1\n    seeds: [2]\n",
+            "line 5",
+            "`seed` and `seeds` are both given",
+        ),
+        (
+            "empty_seeds.yaml",
+            "items:\n  - image: img.png\n    prompt: p\n    seeds: []\n",
+            "line 4",
+            "seeds: got [], allowed: a non-empty list",
+        ),
+        (
+            "twice.yaml",
+            "items:\n  - image: img.png\n    prompt: p\n    prompt: q\n",
+            "line 4",
+            "prompt: written twice",
+        ),
+        (
+            "top.yaml",
+            "colour: red\nitems:\n  - {image: img.png, prompt: p}\n",
+            "line 1",
+            "colour: unknown top-level key",
+        ),
+        (
+            "items_map.yaml",
+            "items: {image: img.png}\n",
+            "line 1",
+            "items: got {'image': 'img.png'}, allowed: a list",
+        ),
         ("item_str.yaml", "items:\n  - img.png\n", "line 2", "items: got 'img.png', allowed: a mapping"),
-        ("defaults.yaml", "defaults: 720p\nitems:\n  - {image: img.png, prompt: p}\n", "line 1", "defaults: got '720p'"),
-        ("model.yaml", "defaults:\n  model: [x]\nitems:\n  - {image: img.png, prompt: p}\n", "line 2", "model: got ['x']"),
-        ("long.yaml", f"items:\n  - image: img.png\n    prompt: {'x' * 1501}\n", "line 3", "prompt: got '<1501 characters>', allowed: at most 1500"),
-        ("quoted.yaml", "items:\n  - image: img.png\n    prompt: p\n    duration: '5'\n", "line 4", "duration: got '5'"),
+        (
+            "defaults.yaml",
+            "defaults: 720p\nitems:\n  - {image: img.png, prompt: p}\n",
+            "line 1",
+            "defaults: got '720p'",
+        ),
+        (
+            "model.yaml",
+            "defaults:\n  model: [x]\nitems:\n  - {image: img.png, prompt: p}\n",
+            "line 2",
+            "model: got ['x']",
+        ),
+        (
+            "long.yaml",
+            f"items:\n  - image: img.png\n    prompt: {'x' * 1501}\n",
+            "line 3",
+            "prompt: got '<1501 characters>', allowed: at most 1500",
+        ),
+        (
+            "quoted.yaml",
+            "items:\n  - image: img.png\n    prompt: p\n    duration: '5'\n",
+            "line 4",
+            "duration: got '5'",
+        ),
         ("no_image.yaml", "items:\n  - prompt: p\n", "line 2", "image: got None"),
         ("semicolon.csv", "image;prompt\nimg.png;p\n", "row 1", "image: required column is missing"),
         ("nameless.csv", "image,prompt,\nimg.png,p,x\n", "row 1", "column 3 has no name"),
@@ -175,7 +235,9 @@ def test_undecodable_file_is_a_problem(tmp_path):
 
 
 def test_grid_too_large_is_refused_before_expansion(tmp_path):
-    text = yaml.safe_dump({"grid": {"images": ["img.png"] * 100, "prompts": ["p"] * 100, "seeds": list(range(11))}})
+    text = yaml.safe_dump(
+        {"grid": {"images": ["img.png"] * 100, "prompts": ["p"] * 100, "seeds": list(range(11))}}
+    )
     problems = problems_of(write_set(tmp_path, "huge.yaml", text))
     assert [p.message for p in problems] == ["grid: expands to 110000 generations, allowed: at most 100000"]
 
@@ -189,14 +251,32 @@ SCALARS = st.one_of(
     st.floats(),
     st.text(max_size=12),
     st.sampled_from(
-        ["img.png", "720p", "1080p", "480p", "single", "multi", "../../etc/passwd", "/etc/passwd",
-         "https://example.com/a.png", "memory://missing.png", "local:///etc/passwd", "nope://x",
-         "data:image/png;base64,xx", "a::b://c", "~nobody-here/x.png", "img\x00.png", "x" * 1600]
+        [
+            "img.png",
+            "720p",
+            "1080p",
+            "480p",
+            "single",
+            "multi",
+            "../../etc/passwd",
+            "/etc/passwd",
+            "https://example.com/a.png",
+            "memory://missing.png",
+            "local:///etc/passwd",
+            "nope://x",
+            "data:image/png;base64,xx",
+            "a::b://c",
+            "~nobody-here/x.png",
+            "img\x00.png",
+            "x" * 1600,
+        ]
     ),
 )
 FIELD_NAMES = st.sampled_from([*ITEM_KEYS, *GRID_KEYS, "bogus"])
 VALUES = st.recursive(
-    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(FIELD_NAMES, inner, max_size=4), max_leaves=8
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(FIELD_NAMES, inner, max_size=4),
+    max_leaves=8,
 )
 ITEMS = st.lists(st.dictionaries(FIELD_NAMES, VALUES, max_size=6), max_size=3)
 PROMPTS = st.text(min_size=1, max_size=30).filter(str.strip)
@@ -204,21 +284,38 @@ PROMPTS = st.text(min_size=1, max_size=30).filter(str.strip)
 VALID_ITEMS = st.lists(
     st.fixed_dictionaries(
         {"image": st.just("img.png"), "prompt": PROMPTS},
-        optional={"resolution": st.sampled_from(["720p", "1080p", "480p"]), "duration": st.sampled_from([5, 10, 7]),
-                  "seeds": st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=3, unique=True),
-                  "generate_audio": st.booleans(), "negative_prompt": SCALARS, "bogus": SCALARS},
+        optional={
+            "resolution": st.sampled_from(["720p", "1080p", "480p"]),
+            "duration": st.sampled_from([5, 10, 7]),
+            "seeds": st.lists(st.integers(0, 2**31 - 1), min_size=1, max_size=3, unique=True),
+            "generate_audio": st.booleans(),
+            "negative_prompt": SCALARS,
+            "bogus": SCALARS,
+        },
     ),
-    min_size=1, max_size=3, unique_by=lambda item: item["prompt"],
+    min_size=1,
+    max_size=3,
+    unique_by=lambda item: item["prompt"],
 )
 CATALOGS = st.one_of(
     VALUES,
     st.dictionaries(st.sampled_from([*TOP_LEVEL_KEYS, "bogus"]), VALUES | ITEMS, max_size=4),
     st.fixed_dictionaries({"items": ITEMS}),
     st.fixed_dictionaries({"grid": st.dictionaries(FIELD_NAMES, VALUES, max_size=5)}),
-    st.fixed_dictionaries({"items": VALID_ITEMS}, optional={"defaults": st.dictionaries(FIELD_NAMES, SCALARS, max_size=2)}),
-    st.fixed_dictionaries({"grid": st.fixed_dictionaries(
-        {"images": st.just(["img.png"]), "prompts": st.lists(PROMPTS, min_size=1, max_size=3, unique=True)},
-        optional={"seeds": st.lists(SCALARS, min_size=1, max_size=3), "duration": VALUES})}),
+    st.fixed_dictionaries(
+        {"items": VALID_ITEMS}, optional={"defaults": st.dictionaries(FIELD_NAMES, SCALARS, max_size=2)}
+    ),
+    st.fixed_dictionaries(
+        {
+            "grid": st.fixed_dictionaries(
+                {
+                    "images": st.just(["img.png"]),
+                    "prompts": st.lists(PROMPTS, min_size=1, max_size=3, unique=True),
+                },
+                optional={"seeds": st.lists(SCALARS, min_size=1, max_size=3), "duration": VALUES},
+            )
+        }
+    ),
 )
 
 
@@ -247,15 +344,27 @@ def test_any_yaml_structure_fails_only_as_catalog_error(playground, data):
 
 
 @settings(max_examples=100, deadline=None)
-@given(text=st.text(max_size=200) | st.sampled_from(["a: &x [*x]\n", "? [a]\n: b\n", "a: !!python/object x\n",
-                                                   "&a [*a, *a]", "items:\n  - <<: {image: img.png}\n"]))
+@given(
+    text=st.text(max_size=200)
+    | st.sampled_from(
+        [
+            "a: &x [*x]\n",
+            "? [a]\n: b\n",
+            "a: !!python/object x\n",
+            "&a [*a, *a]",
+            "items:\n  - <<: {image: img.png}\n",
+        ]
+    )
+)
 def test_any_yaml_text_fails_only_as_catalog_error(playground, text):
     path = playground / "text.yaml"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
     assert_loads_or_fails_cleanly(path)
 
 
-CELLS = st.text(max_size=10) | st.sampled_from(["img.png", "720p", "5", "10", "yes", "0", "-1", "", " 1080p "])
+CELLS = st.text(max_size=10) | st.sampled_from(
+    ["img.png", "720p", "5", "10", "yes", "0", "-1", "", " 1080p "]
+)
 
 
 @settings(max_examples=150, deadline=None)
@@ -263,8 +372,12 @@ CELLS = st.text(max_size=10) | st.sampled_from(["img.png", "720p", "5", "10", "y
     header=st.lists(st.sampled_from([*CATALOG_FIELDS, "bogus", "", " image "]), max_size=7)
     | st.just(["image", "prompt", "generate_audio", "duration"]),
     rows=st.lists(st.lists(CELLS, max_size=8), max_size=5)
-    | st.lists(st.tuples(st.just("img.png"), PROMPTS, CELLS, st.sampled_from(["5", "10", "", "7"])), min_size=1,
-               max_size=4, unique_by=lambda row: row[1]),
+    | st.lists(
+        st.tuples(st.just("img.png"), PROMPTS, CELLS, st.sampled_from(["5", "10", "", "7"])),
+        min_size=1,
+        max_size=4,
+        unique_by=lambda row: row[1],
+    ),
 )
 def test_any_csv_cells_fail_only_as_catalog_error(playground, header, rows):
     buffer = io.StringIO()
@@ -296,11 +409,15 @@ grid:
 
     grid_rows = [r for r in prompt_set.requests if r.source_line == 7]
     assert len(prompt_set.requests) == 3 + 2 * 3 * 2 * 2
-    assert len({(r.image_ref, r.request.prompt, r.request.resolution, r.request.seed) for r in grid_rows}) == 24
+    assert (
+        len({(r.image_ref, r.request.prompt, r.request.resolution, r.request.seed) for r in grid_rows}) == 24
+    )
     assert [r.image_ref for r in grid_rows[:12]] == ["a.png"] * 12  # images outermost
     assert [r.request.seed for r in grid_rows[:2]] == [1, 2]  # seeds innermost
     assert not any(r.seed_derived for r in prompt_set.requests)
-    assert prompt_set.estimated_usd == pytest.approx(12 * 5 * 0.105 + 15 * 5 * 0.1575)  # items default to 1080p
+    assert prompt_set.estimated_usd == pytest.approx(
+        12 * 5 * 0.105 + 15 * 5 * 0.1575
+    )  # items default to 1080p
 
 
 def test_missing_seeds_are_derived_deterministically_and_pinned(tmp_path):
@@ -310,12 +427,16 @@ def test_missing_seeds_are_derived_deterministically_and_pinned(tmp_path):
     moved = load_prompt_set(shutil.copy(FIXTURES / "pinned.yaml", tmp_path / "pinned.yaml"))
 
     # These values are what was paid for: a change here would silently re-buy every video.
-    expected = [("adae8112d41f9d8b995fc37b82b44be0", 1226957075, True),
-                ("4767cb811922be65ad9f854594afd340", 11, False)]
+    expected = [
+        ("adae8112d41f9d8b995fc37b82b44be0", 1226957075, True),
+        ("4767cb811922be65ad9f854594afd340", 11, False),
+    ]
     for prompt_set in (first, moved):
         assert [(r.request_key, r.request.seed, r.seed_derived) for r in prompt_set.requests] == expected
     assert first.requests[1].image_sha256 is None  # an http(s) image is identified by its URL
-    assert first.requests[0].image_sha256 == sources.sha256_hex((FIXTURES / "media" / "square.png").read_bytes())
+    assert first.requests[0].image_sha256 == sources.sha256_hex(
+        (FIXTURES / "media" / "square.png").read_bytes()
+    )
 
 
 def test_derived_seed_follows_the_request(tmp_path):
@@ -339,7 +460,9 @@ def test_duplicate_generations_are_reported(tmp_path):
     problems = problems_of(write_set(tmp_path, "dups.yaml", text))
 
     assert [(p.location, p.field) for p in problems] == [("line 2", "request_key"), ("line 5", "request_key")]
-    assert all("duplicate generation" in p.message and "also produced by line 2" in p.message for p in problems)
+    assert all(
+        "duplicate generation" in p.message and "also produced by line 2" in p.message for p in problems
+    )
 
 
 # --- media: containment, caching ---------------------------------------------------------------------
@@ -367,7 +490,9 @@ def test_paths_outside_the_allowed_roots_are_never_read(tmp_path, outside_image,
     catalog_dir = tmp_path / "catalog"
     catalog_dir.mkdir()
     (catalog_dir / "link.png").symlink_to(outside_image)
-    path = write_set(catalog_dir, "escape.yaml", f"items:\n  - image: {ref.format(outside=outside_image)}\n    prompt: p\n")
+    path = write_set(
+        catalog_dir, "escape.yaml", f"items:\n  - image: {ref.format(outside=outside_image)}\n    prompt: p\n"
+    )
 
     def refuse(*args, **kwargs):
         raise AssertionError("a file outside the allowed roots was read")
@@ -379,14 +504,18 @@ def test_paths_outside_the_allowed_roots_are_never_read(tmp_path, outside_image,
 
 def test_allowed_roots_extend_where_images_may_live(tmp_path, outside_image, monkeypatch):
     path = write_set(tmp_path / "catalog", "s.yaml", f"items:\n  - image: {outside_image}\n    prompt: p\n")
-    assert load_prompt_set(path, allowed_roots=[outside_image.parent]).requests[0].request.image_url == str(outside_image)
+    assert load_prompt_set(path, allowed_roots=[outside_image.parent]).requests[0].request.image_url == str(
+        outside_image
+    )
     monkeypatch.setenv("WAN_PIPELINE_ALLOWED_ROOTS", str(outside_image.parent))
     assert load_prompt_set(path).requests[0].image_sha256 == sources.sha256_hex(outside_image.read_bytes())
 
 
 def test_ten_thousand_rows_inspect_each_image_once(tmp_path, monkeypatch):
     images = [write_image(tmp_path / f"img{i}.png", color=(i * 10, 50, 90)) for i in range(20)]
-    lines = ["image,prompt,resolution,duration"] + [f"{images[i % 20].name},Prompt {i},720p,5" for i in range(10_000)]
+    lines = ["image,prompt,resolution,duration"] + [
+        f"{images[i % 20].name},Prompt {i},720p,5" for i in range(10_000)
+    ]
     path = write_set(tmp_path, "big.csv", "\n".join(lines) + "\n")
     inspected: list[int] = []
     real_inspect = sources.inspect_image
@@ -409,12 +538,22 @@ def test_ten_thousand_rows_inspect_each_image_once(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "cell, expected",
-    [("true", True), ("TRUE", True), ("yes", True), ("1", True), ("false", False), ("No", False), ("0", False),
-     ("", True)],  # empty: the model's default
+    [
+        ("true", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("1", True),
+        ("false", False),
+        ("No", False),
+        ("0", False),
+        ("", True),
+    ],  # empty: the model's default
 )
 def test_csv_booleans(tmp_path, cell, expected):
     write_image(tmp_path / "img.png")
-    path = write_set(tmp_path, "b.csv", f"image,prompt,generate_audio,enhance_prompt\nimg.png,p,{cell},{cell}\n")
+    path = write_set(
+        tmp_path, "b.csv", f"image,prompt,generate_audio,enhance_prompt\nimg.png,p,{cell},{cell}\n"
+    )
     [request] = load_prompt_set(path).requests
     assert (request.request.generate_audio, request.request.enhance_prompt) == (expected, expected)
 
@@ -527,13 +666,23 @@ def test_embedded_prices_equal_the_file_and_stand_in_for_it(monkeypatch):
     assert embedded.prices == PriceTable.load(REPO / "configs" / "prices.yaml").prices
 
 
-def test_a_project_laid_out_like_this_one_reads_its_own_data_from_any_working_directory(tmp_path, monkeypatch):
+def test_a_project_laid_out_like_this_one_reads_its_own_data_from_any_working_directory(
+    tmp_path, monkeypatch
+):
     project = tmp_path / "elsewhere"
     image = write_image(project / "data" / "images" / "a.png")
-    path = write_set(project / "configs" / "prompt_sets", "s.yaml", "items:\n  - image: ../../data/images/a.png\n    prompt: p\n")
+    path = write_set(
+        project / "configs" / "prompt_sets",
+        "s.yaml",
+        "items:\n  - image: ../../data/images/a.png\n    prompt: p\n",
+    )
     monkeypatch.chdir(tmp_path)  # not the project: its `data/` is found through the catalog's layout
     assert load_prompt_set(path).requests[0].image_sha256 == sources.sha256_hex(image.read_bytes())
-    sibling = write_set(project / "configs" / "prompt_sets", "t.yaml", "items:\n  - image: ../../../secret.png\n    prompt: p\n")
+    sibling = write_set(
+        project / "configs" / "prompt_sets",
+        "t.yaml",
+        "items:\n  - image: ../../../secret.png\n    prompt: p\n",
+    )
     write_image(tmp_path / "secret.png")
     [problem] = problems_of(sibling)
     assert "outside the allowed roots" in problem.message

@@ -4,6 +4,7 @@ protocol's `NotifyTry`, where the key goes, and nothing else (the protocol has i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from wan_pipeline.api import (
     AsyncAimlApiClient,
     BearerAuth,
     ClientConfig,
+    CreateOutcomeUnknown,
     CreateTry,
     Generation,
 )
@@ -49,15 +51,21 @@ def config() -> ClientConfig:
     )
 
 
-def submit_with(shell: str, server: Server, on_try: Callable[[CreateTry], None]) -> Generation:
+def submit_with(
+    shell: str,
+    server: Callable[[httpx.Request], httpx.Response],
+    on_try: Callable[[CreateTry], None],
+    settings: ClientConfig | None = None,
+) -> Generation:
     transport = httpx.MockTransport(server)
+    settings = settings or config()
     if shell == "sync":
-        with AimlApiClient(config(), http_client=httpx.Client(transport=transport)) as client:
-            return client.submit(REQUEST, request_key="k1", on_try=on_try)
+        with httpx.Client(transport=transport) as http:
+            return AimlApiClient(settings, http_client=http).submit(REQUEST, request_key="k1", on_try=on_try)
 
     async def run() -> Generation:
         async with httpx.AsyncClient(transport=transport) as http:
-            return await AsyncAimlApiClient(config(), http_client=http).submit(
+            return await AsyncAimlApiClient(settings, http_client=http).submit(
                 REQUEST, request_key="k1", on_try=on_try
             )
 
@@ -145,3 +153,15 @@ def test_downloads_carry_no_credentials_even_from_a_client_that_has_them(tmp_pat
             == 9
         )
     assert "authorization" not in seen[0].headers
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_an_oversized_create_answer_is_cut_off_and_left_in_doubt(shell: str) -> None:
+    def huge(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"id": "gen-1", "status": "queued", "padding": "x" * 5000})
+
+    seen: list[CreateTry] = []
+    small = dataclasses.replace(config(), max_answer_bytes=1000)
+    with pytest.raises(CreateOutcomeUnknown) as unknown:
+        submit_with(shell, huge, seen.append, small)
+    assert unknown.value.created is None and "AnswerTooLarge" in seen[-1].detail

@@ -458,7 +458,12 @@ def test_faults_can_change_at_runtime_over_http_and_in_process(emulator_client):
         client.post("/_emulator/faults", json=hostile).json() | hostile
         == client.get("/_emulator/stats").json()["faults"]
     )
-    assert_provider_error(client.post("/_emulator/faults", json={"oversize_video_bytes": 1.5}), 400)
+    for bad in (
+        {"oversize_video_bytes": 1.5},
+        {"trickle_bytes_per_s": None},
+        {"auth_fail_after_creates": -1},
+    ):
+        assert_provider_error(client.post("/_emulator/faults", json=bad), 400)
     assert client.post(PATH, json=body()).status_code == 401  # revoked after 0 creates
     client.post("/_emulator/faults", json={"auth_fail_after_creates": None, "download_trickle_rate": 0.0})
     assert emu.update_faults(create_503_rate=0.0).create_503_rate == 0.0

@@ -20,7 +20,11 @@ def submitted_with_unknown_id(ledger: Ledger, key: str, submitted_ago: timedelta
     ledger.plan(SET, [PlannedRequest(key, "alibaba/wan-2-6-i2v", {"prompt": "p"}, 0.5, None)])
     ledger.claim(key)
     ledger.mark_submitted(
-        key, "unknown-generation-id", raw_status="queued", credits_used=None, usd_spent=None,
+        key,
+        "unknown-generation-id",
+        raw_status="queued",
+        credits_used=None,
+        usd_spent=None,
         next_poll_at=datetime(2000, 1, 1, tzinfo=UTC),
     )
     with ledger._writer.begin() as conn:  # backdate the submission: the ledger has no API for it
@@ -35,7 +39,9 @@ def make_due(ledger: Ledger, key: str) -> None:
     ledger.postpone_poll(key, datetime(2000, 1, 1, tzinfo=UTC))
 
 
-def test_a_404_is_retried_and_fails_only_when_it_persists_long_after_the_create(tmp_path, client_config) -> None:
+def test_a_404_is_retried_and_fails_only_when_it_persists_long_after_the_create(
+    tmp_path, client_config
+) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     young, old = f"{1:032x}", f"{2:032x}"
     submitted_with_unknown_id(ledger, young, timedelta(minutes=1))
@@ -57,8 +63,14 @@ def test_a_404_is_retried_and_fails_only_when_it_persists_long_after_the_create(
 
 def test_finished_videos_wait_for_a_straggler_only_so_long() -> None:
     now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
-    waiting = collection.SetProgress("s", total=3, pending=1, uncollected=2, fingerprint="f",
-                                     oldest_uncollected_at=now - timedelta(minutes=2))
+    waiting = collection.SetProgress(
+        "s",
+        total=3,
+        pending=1,
+        uncollected=2,
+        fingerprint="f",
+        oldest_uncollected_at=now - timedelta(minutes=2),
+    )
     assert not waiting.should_collect(now)
     assert waiting.should_collect(now + collection.COLLECT_EARLY_AFTER)
     nothing_finished = collection.SetProgress("s", total=3, pending=3, uncollected=0, fingerprint="f")
@@ -80,7 +92,9 @@ def test_a_stuck_generation_does_not_keep_the_sets_finished_videos_from_being_co
     assert project.submit(SET).success
     stuck, done = (r.request_key for r in project.ledger.rows(SET))
     with project.ledger._writer.begin() as conn:  # the provider will never finish this one
-        conn.execute(generations.update().where(generations.c.request_key == stuck).values(generation_id="stuck-id"))
+        conn.execute(
+            generations.update().where(generations.c.request_key == stuck).values(generation_id="stuck-id")
+        )
     monkeypatch.setattr(collection, "COLLECT_EARLY_AFTER", timedelta(0))
 
     cursor, request = None, None

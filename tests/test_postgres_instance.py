@@ -91,7 +91,10 @@ def pg_instance(deploy_home: Path) -> Iterator[dg.DagsterInstance]:
 
 @pytest.fixture
 def pg_project(
-    tmp_path: Path, emulator: Any, monkeypatch: pytest.MonkeyPatch, pg_instance: dg.DagsterInstance,
+    tmp_path: Path,
+    emulator: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    pg_instance: dg.DagsterInstance,
     postgres_database: str,
 ) -> Project:
     """make_project on the PostgreSQL instance, with the ledger in the same database."""
@@ -112,7 +115,9 @@ def wait_until_collection_is_requested(project: Project) -> None:
         if any(r.partition_key == PROMPT_SET for r in result.run_requests or []):
             return
         time.sleep(0.2)
-    pytest.fail(f"no collection requested within {COMPLETION_DEADLINE_S:.0f} s: {project.ledger.summary(PROMPT_SET)}")
+    pytest.fail(
+        f"no collection requested within {COMPLETION_DEADLINE_S:.0f} s: {project.ledger.summary(PROMPT_SET)}"
+    )
 
 
 def test_deploy_config_sets_the_queue_and_the_api_pool(pg_instance: dg.DagsterInstance) -> None:
@@ -138,7 +143,9 @@ def test_prompt_set_runs_end_to_end_on_postgres(
     wait_until_collection_is_requested(project)
     collected = project.collect(PROMPT_SET)
     assert collected.success
-    checks = {evaluation.check_name: evaluation.passed for evaluation in collected.get_asset_check_evaluations()}
+    checks = {
+        evaluation.check_name: evaluation.passed for evaluation in collected.get_asset_check_evaluations()
+    }
     assert checks == {"videos_match_requests": True, "no_failed_generations": True}
 
     # A second instance opened from the same config sees what the first one wrote: it is in PostgreSQL.

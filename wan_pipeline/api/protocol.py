@@ -231,15 +231,24 @@ class ApiProtocol:
     def url(self, path: str) -> str:
         return self.config.base_url + path
 
-    def _call(self, method: str, time_limit_s: float, **fields: Any) -> HttpCall:
-        headers = {"Accept": "application/json", **fields.pop("headers", {})}
+    def _call(
+        self,
+        method: str,
+        time_limit_s: float,
+        *,
+        headers: Mapping[str, str] | None = None,
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+    ) -> HttpCall:
+        """A call to the generations endpoint; its answer is capped at `max_answer_bytes`."""
         return HttpCall(
             method,
             GENERATIONS_PATH,
-            headers,
+            {"Accept": "application/json", **(headers or {})},
             time_limit_s=time_limit_s,
             max_bytes=self.config.max_answer_bytes,
-            **fields,
+            json=json,
+            params=params,
         )
 
     # -- retry loop ---------------------------------------------------------------------------

@@ -16,7 +16,7 @@ GET_FAULTS = ("429", "500", "502", "503", "504")
 
 
 # FaultConfig fields that are not rates, by kind (everything else is a probability in [0, 1]).
-_POSITIVE_OR_NONE = frozenset({"download_bytes_per_s", "credit_limit", "trickle_bytes_per_s"})
+_POSITIVE_OR_NONE = frozenset({"download_bytes_per_s", "credit_limit"})
 _COUNTS = frozenset({"oversize_video_bytes", "auth_fail_after_creates"})
 
 
@@ -71,6 +71,9 @@ class FaultConfig:
                     isinstance(value, int) and not isinstance(value, bool) and value >= 0
                 ):
                     raise ValueError(f"{f.name} must be a whole number >= 0 or None, got {value!r}")
+            elif f.name == "trickle_bytes_per_s":
+                if not (_is_number(value) and value > 0):
+                    raise ValueError(f"trickle_bytes_per_s must be a positive number, got {value!r}")
             elif f.name == "retry_after_s":
                 if not (_is_number(value) and value >= 0):
                     raise ValueError(f"retry_after_s must be a number >= 0, got {value!r}")
