@@ -585,21 +585,6 @@ def test_wait_timeout_carries_the_last_generation(
     assert counts(emulator, GET) == {"200": 1}  # one last look at the deadline
 
 
-@pytest.mark.parametrize("status", [500, 504])
-def test_ambiguous_create_status_is_never_retried(
-    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path, status: int
-) -> None:
-    emulator.update_faults(**{f"create_{status}_rate": 1.0})
-    retries: list[RetryEvent] = []
-    client = make_client(client_config, on_retry=retries.append)
-    with pytest.raises(CreateOutcomeUnknown) as unknown:
-        client.submit(make_request(image_path), request_key=REQUEST_KEY)
-    assert counts(emulator, CREATE) == {str(status): 1}
-    assert retries == []
-    assert unknown.value.status_code == status
-    assert unknown.value.client_request_id == f"wanp-{REQUEST_KEY}-1.1"
-
-
 def test_dropped_create_is_outcome_unknown_and_was_accepted(
     emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
 ) -> None:
@@ -813,21 +798,31 @@ def test_an_oversize_video_is_refused_by_the_requests_cap_and_nothing_is_kept(
 
 
 @pytest.mark.parametrize("status", [500, 504])
-def test_a_create_charged_then_answered_500_or_504_is_in_doubt(
-    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path, status: int
+@pytest.mark.parametrize("charged", [False, True], ids=["not created", "created and charged"])
+def test_an_ambiguous_create_is_in_doubt_and_never_retried(
+    emulator: Any,
+    client_config: ClientConfig,
+    make_client: Callable[..., Any],
+    image_path: Path,
+    status: int,
+    charged: bool,
 ) -> None:
-    emulator.update_faults(**{f"create_{status}_after_create_rate": 1.0})
+    # The client cannot tell these apart, and must not: both are in doubt, neither is retried.
+    emulator.update_faults(**{f"create_{status}{'_after_create' if charged else ''}_rate": 1.0})
+    retries: list[RetryEvent] = []
     events: list[CreateTry] = []
-    client = make_client(client_config)
+    client = make_client(client_config, on_retry=retries.append)
     with pytest.raises(CreateOutcomeUnknown) as unknown:
         client.submit(make_request(image_path), request_key=REQUEST_KEY, on_try=events.append)
+    assert counts(emulator, CREATE) == {str(status): 1} and retries == []
     assert unknown.value.created is None and unknown.value.status_code == status
+    assert unknown.value.client_request_id == f"wanp-{REQUEST_KEY}-1.1"
     assert [(e.phase, e.created, e.status_code) for e in events] == [
         ("sending", None, None),
         ("answered", None, status),
     ]
     stats = emulator.stats()
-    assert stats["accepted_creates"] == 1 and stats["credits_charged"] > 0  # money did move
+    assert stats["accepted_creates"] == int(charged) and (stats["credits_charged"] > 0) == charged
 
 
 def test_a_revoked_key_is_an_authentication_error_that_bought_nothing(
