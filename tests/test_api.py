@@ -32,28 +32,29 @@ from wan_pipeline.api import (
     ClientConfig,
     CreateNotAccepted,
     CreateOutcomeUnknown,
+    CreateTry,
+    DeadlineExceeded,
     DownloadExpired,
     DownloadSink,
     DownloadTooLarge,
     Generation,
     GenerationNotFound,
     OutOfCredits,
+    PollSchedule,
     RateLimited,
     Reply,
     RequestRejected,
+    RetryEvent,
+    RetryPolicy,
     ServerError,
     TransportError,
     WaitTimeout,
     build_create_body,
     client_request_id,
     error_from_reply,
+    max_video_bytes,
     normalize_status,
     parse_generation,
-)
-from wan_pipeline.api_retry import (
-    PollSchedule,
-    RetryEvent,
-    RetryPolicy,
     parse_retry_after,
     request_error_is_transient,
     request_never_sent,
@@ -154,8 +155,76 @@ def test_parse_error_message_falls_back_to_detail() -> None:
 
 
 def test_parse_refuses_an_answer_without_id() -> None:
-    with pytest.raises(ValueError):
-        parse_generation({"status": "queued"})
+    for payload in ({"status": "queued"}, {"id": "", "generation_id": None}, {"id": 42}):
+        with pytest.raises(ValueError):
+            parse_generation(payload)
+
+
+@pytest.mark.parametrize(
+    ("payload", "generation_id"),
+    [
+        ({"id": "g1"}, "g1"),
+        ({"generation_id": "g2"}, "g2"),  # a sibling model's shape: a paid id is never lost to it
+        ({"id": "g1", "generation_id": "other"}, "g1"),  # the documented field wins
+        ({"id": None, "generation_id": "g2"}, "g2"),
+        ({"id": "g1", "unknown": {"nested": [1, 2]}, "extra": True}, "g1"),  # unknown fields are ignored
+    ],
+)
+def test_the_generation_id_is_read_where_the_sdk_reads_it(payload: dict, generation_id: str) -> None:
+    generation = parse_generation({"status": "queued", **payload})
+    assert generation.id == generation_id and generation.raw == {"status": "queued", **payload}
+
+
+URL = "https://cdn.example.com/v.mp4?Expires=1767805107"
+
+
+@pytest.mark.parametrize(
+    ("payload", "video_url"),
+    [
+        ({"video": {"url": URL}}, URL),
+        ({"video": URL}, URL),
+        ({"video_url": URL}, URL),
+        ({"url": URL}, URL),
+        ({"output": {"video_url": URL}}, URL),
+        ({"output": {"url": URL}}, URL),
+        ({"videos": [{"url": URL}, {"url": "https://second"}]}, URL),
+        ({"result": {"video": {"url": URL}}}, URL),
+        (
+            {"video": {"url": URL}, "video_url": "https://elsewhere", "url": "https://x"},
+            URL,
+        ),  # documented first
+        ({"video": {"url": ""}, "video_url": URL}, URL),
+        ({"videos": [], "output": None, "video": 7}, None),
+        ({}, None),
+    ],
+)
+def test_the_video_url_is_read_from_the_documented_place_then_sibling_shapes(
+    payload: dict, video_url: str | None
+) -> None:
+    generation = parse_generation({"id": "g", "status": "completed", **payload})
+    assert generation.video_url == video_url
+    assert (generation.video_expires_at is not None) == (video_url is not None)
+
+
+@pytest.mark.parametrize(
+    ("resolution", "duration_s", "at_least", "at_most"),
+    [
+        ("720p", 5, 8_000_000, 25_000_000),  # the service's 5 s 720p video is a few MB
+        ("1080p", 5, 15_000_000, 40_000_000),
+        ("1080p", 15, 60_000_000, 100_000_000),
+        ("4k", 5, 15_000_000, 40_000_000),  # unknown: the highest ceiling, never a small cap
+    ],
+)
+def test_video_cap_grows_with_resolution_and_duration(
+    resolution: str, duration_s: int, at_least: int, at_most: int
+) -> None:
+    assert at_least <= max_video_bytes(resolution, duration_s) <= at_most
+    assert max_video_bytes(resolution, duration_s, margin=4) > max_video_bytes(resolution, duration_s)
+    request = VideoRequest(image_url=HTTP_IMAGE, prompt="p", resolution="720p", duration=5)
+    assert ClientConfig(max_download_bytes=1000).max_video_bytes_for(request) == 1000
+    assert ClientConfig(video_size_margin=3).max_video_bytes_for(request) == max_video_bytes(
+        "720p", 5, margin=3
+    )
 
 
 @pytest.mark.parametrize(
@@ -398,6 +467,12 @@ class BlockingAsyncClient:
         self._loop.close()
 
 
+@pytest.fixture
+def client_config(client_config: ClientConfig, tmp_path: Path) -> ClientConfig:
+    """The shared emulator config, allowed to read this test's own files (nothing else is)."""
+    return dataclasses.replace(client_config, allowed_roots=(tmp_path,))
+
+
 @pytest.fixture(params=["sync", "async"])
 def make_client(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
     opened: list[Any] = []
@@ -464,7 +539,9 @@ def test_submit_poll_download_lifecycle(
     assert generation.video_expires_at is not None and generation.video_expires_at > datetime.now(UTC)
 
     destination = tmp_path / "out" / "video.mp4"
-    size, sha256 = client.download(generation.video_url, destination)
+    # Capped as the pipeline caps it: by what this request can weigh, not by the 4 GiB ceiling.
+    cap = client_config.max_video_bytes_for(make_request(image_path))
+    size, sha256 = client.download(generation.video_url, destination, max_bytes=cap)
     data = destination.read_bytes()
     assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
     assert data[4:8] == b"ftyp"
@@ -506,21 +583,6 @@ def test_wait_timeout_carries_the_last_generation(
     assert timed_out.value.generation is not None
     assert timed_out.value.generation.id == generation.id and timed_out.value.generation.status == "pending"
     assert counts(emulator, GET) == {"200": 1}  # one last look at the deadline
-
-
-@pytest.mark.parametrize("status", [500, 504])
-def test_ambiguous_create_status_is_never_retried(
-    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path, status: int
-) -> None:
-    emulator.update_faults(**{f"create_{status}_rate": 1.0})
-    retries: list[RetryEvent] = []
-    client = make_client(client_config, on_retry=retries.append)
-    with pytest.raises(CreateOutcomeUnknown) as unknown:
-        client.submit(make_request(image_path), request_key=REQUEST_KEY)
-    assert counts(emulator, CREATE) == {str(status): 1}
-    assert retries == []
-    assert unknown.value.status_code == status
-    assert unknown.value.client_request_id == f"wanp-{REQUEST_KEY}-1.1"
 
 
 def test_dropped_create_is_outcome_unknown_and_was_accepted(
@@ -720,6 +782,101 @@ def test_download_larger_than_declared_limit_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_oversize_video_is_refused_by_the_requests_cap_and_nothing_is_kept(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    request = make_request(image_path)
+    cap = client_config.max_video_bytes_for(request)
+    client = make_client(client_config, sleep=lambda _s: None)
+    done = client.wait(client.submit(request).id, deadline_s=10)
+    emulator.update_faults(oversize_video_bytes=cap + 1)
+    destination = image_path.parent / "out" / "video.mp4"
+    destination.parent.mkdir()
+    with pytest.raises(DownloadTooLarge):
+        client.download(done.video_url, destination, max_bytes=cap)
+    assert list(destination.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("status", [500, 504])
+@pytest.mark.parametrize("charged", [False, True], ids=["not created", "created and charged"])
+def test_an_ambiguous_create_is_in_doubt_and_never_retried(
+    emulator: Any,
+    client_config: ClientConfig,
+    make_client: Callable[..., Any],
+    image_path: Path,
+    status: int,
+    charged: bool,
+) -> None:
+    # The client cannot tell these apart, and must not: both are in doubt, neither is retried.
+    emulator.update_faults(**{f"create_{status}{'_after_create' if charged else ''}_rate": 1.0})
+    retries: list[RetryEvent] = []
+    events: list[CreateTry] = []
+    client = make_client(client_config, on_retry=retries.append)
+    with pytest.raises(CreateOutcomeUnknown) as unknown:
+        client.submit(make_request(image_path), request_key=REQUEST_KEY, on_try=events.append)
+    assert counts(emulator, CREATE) == {str(status): 1} and retries == []
+    assert unknown.value.created is None and unknown.value.status_code == status
+    assert unknown.value.client_request_id == f"wanp-{REQUEST_KEY}-1.1"
+    assert [(e.phase, e.created, e.status_code) for e in events] == [
+        ("sending", None, None),
+        ("answered", None, status),
+    ]
+    stats = emulator.stats()
+    assert stats["accepted_creates"] == int(charged) and (stats["credits_charged"] > 0) == charged
+
+
+def test_a_revoked_key_is_an_authentication_error_that_bought_nothing(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    emulator.update_faults(auth_fail_after_creates=1)
+    client = make_client(client_config)
+    client.submit(make_request(image_path))
+    with pytest.raises(AuthenticationError) as refused:
+        client.submit(make_request(image_path, seed=8), request_key=REQUEST_KEY)
+    assert refused.value.created is False and refused.value.client_request_id == f"wanp-{REQUEST_KEY}-1.1"
+    assert emulator.stats()["accepted_creates"] == 1
+
+
+# 8 bytes a second, 2 at a time: every read gets data within the read timeout, so only the
+# whole-call deadline can end these calls.
+TRICKLE = {"trickle_bytes_per_s": 8.0}
+
+
+def test_a_trickling_create_answer_hits_its_deadline_and_stays_in_doubt(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    emulator.update_faults(create_trickle_rate=1.0, **TRICKLE)
+    client = make_client(dataclasses.replace(client_config, create_deadline_s=0.5))
+    with pytest.raises(CreateOutcomeUnknown, match="within") as unknown:
+        client.submit(make_request(image_path))
+    assert unknown.value.created is None
+    assert emulator.stats()["accepted_creates"] == 1  # the server did create it: in doubt is right
+
+
+def test_a_trickling_poll_answer_hits_its_deadline(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    client = make_client(dataclasses.replace(client_config, get_deadline_s=0.5))
+    generation = client.submit(make_request(image_path))
+    emulator.update_faults(get_trickle_rate=1.0, **TRICKLE)
+    with pytest.raises(DeadlineExceeded, match="0.5 s"):
+        client.get(generation.id)
+    assert counts(emulator, GET) == {"200": 1}  # not retried: the deadline covers the retries too
+
+
+def test_a_trickling_download_hits_its_deadline_and_leaves_no_file(
+    emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], image_path: Path
+) -> None:
+    client = make_client(dataclasses.replace(client_config, download_deadline_s=0.5), sleep=lambda _s: None)
+    done = client.wait(client.submit(make_request(image_path)).id, deadline_s=10)
+    emulator.update_faults(download_trickle_rate=1.0, **TRICKLE)
+    destination = image_path.parent / "out" / "video.mp4"
+    destination.parent.mkdir()
+    with pytest.raises(DeadlineExceeded):
+        client.download(done.video_url, destination)
+    assert list(destination.parent.iterdir()) == []
+
+
 def test_download_cut_midway_leaves_no_final_file(
     emulator: Any, client_config: ClientConfig, make_client: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -769,7 +926,7 @@ def test_provider_rejection_maps_to_request_rejected(emulator: Any, client_confi
         headers={"Authorization": f"Bearer {client_config.api_key.reveal()}"},
         json={"model": "alibaba/wan-2-6-i2v", "prompt": "x", "image_url": HTTP_IMAGE, "resolution": "480p"},
     )
-    error = error_from_reply(Reply.from_response(response), what="create")
+    error = error_from_reply(Reply(response.status_code, response.headers, response.content), what="create")
     assert isinstance(error, RequestRejected) and error.status_code == 400 and error.request_id
     assert "Body validation error!" in error.message and "'480p'" in error.message
     assert error.details and error.details[0]["path"] == ["resolution"]
@@ -800,7 +957,7 @@ def test_async_client_bounds_calls_in_flight(
     assert peak <= 2
 
 
-def test_api_key_never_reaches_logs_exceptions_or_reprs(
+def test_api_key_never_reaches_logs_exceptions_reprs_events_or_files(
     emulator: Any,
     client_config: ClientConfig,
     make_client: Callable[..., Any],
@@ -813,11 +970,15 @@ def test_api_key_never_reaches_logs_exceptions_or_reprs(
         caplog.set_level(logging.DEBUG, logger=name)
     key = client_config.api_key.reveal()
     client = make_client(client_config, sleep=lambda _s: None)
-    done = client.wait(client.submit(make_request(image_path)).id, deadline_s=10)
+    events: list[CreateTry] = []
+    done = client.wait(client.submit(make_request(image_path), on_try=events.append).id, deadline_s=10)
     client.download(done.video_url, tmp_path / "video.mp4")
     errors: list[BaseException] = []
     emulator.update_faults(create_500_rate=1.0, get_503_rate=1.0)
-    for call in (lambda: client.submit(make_request(image_path)), lambda: client.get(done.id)):
+    for call in (
+        lambda: client.submit(make_request(image_path), on_try=events.append),
+        lambda: client.get(done.id),
+    ):
         with pytest.raises(ApiError) as failed:
             call()
         errors.append(failed.value)
@@ -830,10 +991,15 @@ def test_api_key_never_reaches_logs_exceptions_or_reprs(
     assert any(record.name == "wan_pipeline.api" for record in caplog.records)
     texts = [caplog.text, *(record.getMessage() for record in caplog.records)]
     texts += [str(error) for error in errors] + [repr(error) for error in errors]
-    texts += [repr(client), repr(wrong), repr(client_config), repr(done)]
+    texts += [repr(vars(error)) for error in errors] + [repr(event) for event in events]
+    shells = [getattr(c, "client", c) for c in (client, wrong)]  # the async shell inside its wrapper
+    texts += [repr(client), repr(wrong), repr(client_config), repr(done)] + [repr(vars(s)) for s in shells]
+    assert len(events) == 4
     for text in texts:
         assert key not in text
         assert "base64," not in text  # nor the image the body carried
+    for written in tmp_path.rglob("*"):
+        assert not written.is_file() or key.encode() not in written.read_bytes()
 
 
 def test_counted_bytes_over_the_limit_abort_the_atomic_write(tmp_path: Path) -> None:
@@ -864,9 +1030,14 @@ def test_a_local_image_is_encoded_once_until_it_changes(tmp_path, monkeypatch) -
     real_read = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self) or real_read(self))
 
-    first = sources.wire_reference(str(path), "image", WAN_2_6_I2V)
-    assert sources.wire_reference(str(path), "image", WAN_2_6_I2V) == first and len(reads) == 1
+    def wire() -> tuple[str, str | None]:
+        return sources.wire_reference(str(path), "image", WAN_2_6_I2V, allowed_roots=[tmp_path])
+
+    first = wire()
+    assert first[1] == hashlib.sha256(real_read(path)).hexdigest()
+    assert wire() == first and len(reads) == 1
     Image.new("RGB", (500, 400), (200, 20, 30)).save(path)  # edited in place: new size and mtime
-    changed = sources.wire_reference(str(path), "image", WAN_2_6_I2V)
-    assert changed != first and len(reads) == 2
-    assert base64.b64decode(changed.split(",", 1)[1]) == path.read_bytes()
+    changed_uri, changed_sha256 = wire()
+    assert changed_uri != first[0] and len(reads) == 2
+    assert base64.b64decode(changed_uri.split(",", 1)[1]) == real_read(path)
+    assert changed_sha256 == hashlib.sha256(real_read(path)).hexdigest()

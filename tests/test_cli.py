@@ -51,9 +51,9 @@ def test_run_collects_a_set_then_a_rerun_spends_nothing(workdir, emulator) -> No
     first = wan_pipeline(cwd, env, "run", "--deadline", "120")
     assert first.returncode == 0, first.stdout + first.stderr
     assert "launch: 2 generations, 2 newly submitted" in first.stdout
-    assert sorted(p.suffix for p in (cwd / "data" / "outputs" / "launch").iterdir() if p.stem != "contact_sheet") == [
-        ".json", ".json", ".mp4", ".mp4"
-    ]
+    assert sorted(
+        p.suffix for p in (cwd / "data" / "outputs" / "launch").iterdir() if p.stem != "contact_sheet"
+    ) == [".json", ".json", ".mp4", ".mp4"]
     assert (cwd / "data" / "ledger.sqlite").exists()
 
     again = wan_pipeline(cwd, env, "run", "launch")
@@ -112,7 +112,9 @@ def test_an_invalid_catalog_submits_nothing_and_names_the_problem(workdir, emula
     assert emulator.stats()["accepted_creates"] == 0
 
 
-def test_running_out_of_credits_stops_submitting_and_still_collects_what_was_bought(workdir, emulator) -> None:
+def test_running_out_of_credits_stops_submitting_and_still_collects_what_was_bought(
+    workdir, emulator
+) -> None:
     cwd, env = workdir
     emulator.update_faults(credit_limit=1_050_000)  # exactly one 720p 5 s generation
     result = wan_pipeline(cwd, env, "run", "--deadline", "120")

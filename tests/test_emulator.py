@@ -362,6 +362,79 @@ def test_dropped_create_is_accepted_but_never_answered(emulator_client):
     assert wait_terminal(client, generation_id)["status"] == "completed"  # it was really created
 
 
+@pytest.mark.parametrize("status", [500, 504])
+def test_an_ambiguous_create_is_created_and_charged_then_answered_with_an_error(status):
+    faults = FaultConfig(**{f"create_{status}_after_create_rate": 1.0})
+    with (
+        running_emulator(fast(faults=faults)) as emu,
+        httpx.Client(base_url=emu.base_url, headers=AUTH) as client,
+    ):
+        assert_provider_error(
+            client.post(PATH, json=body(), headers={"X-Client-Request-Id": "amb-1"}), status
+        )
+        stats = emu.stats()
+        assert stats["accepted_creates"] == 1 and stats["credits_charged"] == 1_575_000
+        ((generation_id, record),) = stats["generations"].items()
+        assert record["client_request_id"] == "amb-1"
+        assert wait_terminal(client, generation_id)["status"] == "completed"  # it really exists
+
+
+@pytest.mark.parametrize(
+    "emulator_client", [fast(faults=FaultConfig(auth_fail_after_creates=2))], indirect=True
+)
+def test_the_key_can_be_revoked_after_some_creates(emulator_client):
+    emu, client = emulator_client
+    assert [client.post(PATH, json=body(seed=n)).status_code for n in range(4)] == [200, 200, 401, 401]
+    assert emu.stats()["accepted_creates"] == 2
+
+
+def raw_chunks(client: httpx.Client, method: str, url: str, **options) -> tuple[int, list[bytes]]:
+    with client.stream(method, url, **options) as answer:
+        return answer.status_code, list(answer.iter_raw())
+
+
+@pytest.mark.parametrize(
+    "emulator_client",
+    [
+        fast(
+            latency_s=0.0,
+            faults=FaultConfig(create_trickle_rate=1.0, get_trickle_rate=1.0, trickle_bytes_per_s=80),
+        )
+    ],
+    indirect=True,
+)
+def test_trickled_answers_arrive_a_few_bytes_at_a_time_and_stay_whole(emulator_client):
+    _, client = emulator_client
+    status, chunks = raw_chunks(client, "POST", PATH, json=body(image_url="https://example.com/t.png"))
+    assert status == 200 and len(chunks) > 1 and max(map(len, chunks)) <= 20
+    generation_id = json.loads(b"".join(chunks))["id"]
+    status, chunks = raw_chunks(client, "GET", PATH, params={"generation_id": generation_id})
+    assert status == 200 and len(chunks) > 1 and json.loads(b"".join(chunks))["id"] == generation_id
+
+
+@pytest.mark.parametrize(
+    "emulator_client",
+    [fast(latency_s=0.0, faults=FaultConfig(oversize_video_bytes=3 * 1024**2))],
+    indirect=True,
+)
+def test_oversize_videos_are_padded_to_the_asked_size_and_still_play(emulator_client):
+    _, client = emulator_client
+    created = client.post(PATH, json=body(image_url="https://example.com/big.png")).json()
+    video = client.get(wait_terminal(client, created["id"])["video"]["url"])
+    assert int(video.headers["content-length"]) == len(video.content) == 3 * 1024**2
+    assert probe(video.content)["codec"] == "h264"
+
+
+def test_info_names_the_emulator_unless_told_to_pass_for_another_server():
+    from wan_pipeline import __version__
+
+    with running_emulator(fast()) as emu:
+        answer = httpx.get(f"{emu.base_url}/_emulator/info")
+        assert answer.json() == {"emulator": "wan-pipeline", "version": __version__}
+    with running_emulator(fast(identify=False)) as emu:
+        assert httpx.get(f"{emu.base_url}/_emulator/info").status_code == 404
+
+
 # body() asks for 1080p 5 s: 1,575,000 credits. The account holds enough for two.
 @pytest.mark.parametrize("emulator_client", [fast(faults=FaultConfig(credit_limit=3_150_000))], indirect=True)
 def test_out_of_credits_answers_403_and_charges_nothing(emulator_client):
@@ -379,6 +452,20 @@ def test_faults_can_change_at_runtime_over_http_and_in_process(emulator_client):
     assert client.post(PATH, json=body()).status_code == 503
     assert_provider_error(client.post("/_emulator/faults", json={"create_999_rate": 1.0}), 400)
     assert_provider_error(client.post("/_emulator/faults", json={"create_429_rate": 0.9}), 400)  # sum > 1
+    assert_provider_error(client.post("/_emulator/faults", json={"create_500_after_create_rate": 0.5}), 400)
+    hostile = {"download_trickle_rate": 1.0, "oversize_video_bytes": 5000, "auth_fail_after_creates": 0}
+    assert (
+        client.post("/_emulator/faults", json=hostile).json() | hostile
+        == client.get("/_emulator/stats").json()["faults"]
+    )
+    for bad in (
+        {"oversize_video_bytes": 1.5},
+        {"trickle_bytes_per_s": None},
+        {"auth_fail_after_creates": -1},
+    ):
+        assert_provider_error(client.post("/_emulator/faults", json=bad), 400)
+    assert client.post(PATH, json=body()).status_code == 401  # revoked after 0 creates
+    client.post("/_emulator/faults", json={"auth_fail_after_creates": None, "download_trickle_rate": 0.0})
     assert emu.update_faults(create_503_rate=0.0).create_503_rate == 0.0
     assert client.post(PATH, json=body()).status_code == 200
     with pytest.raises(ValueError):
@@ -479,7 +566,7 @@ def test_stats_count_requests_bodies_and_polls(emulator_client):
     assert stats["creates_by_body_hash"] == {hashlib.sha256(canonical_json(same).encode()).hexdigest(): 2}
     assert stats["generations"][ids[0]]["polls"] == stats["requests"]["GET /v2/video/generations"]["200"]
     assert stats["generations"][ids[1]]["polls"] == 0
-    assert stats["accepted_creates"] == 2 and stats["credits_used"] == 2 * 1_575_000
+    assert stats["accepted_creates"] == 2 and stats["credits_charged"] == 2 * 1_575_000
     assert client.post("/_emulator/reset").status_code == 200
     assert emu.stats()["generations"] == {} and emu.stats()["requests"] == {}
     assert_provider_error(client.get(PATH, params={"generation_id": ids[0]}), 404)
@@ -556,6 +643,8 @@ def test_cli_flags_build_the_config():
     args = parser.parse_args(
         ["--port", "9001", "--latency", "0.5", "--seed", "3", "--small-frames", "--create-429-rate", "0.25"]
         + ["--create-drop-rate", "0.1", "--download-bytes-per-s", "1000", "--url-ttl", "60", "--api-key", "k"]
+        + ["--create-504-after-create-rate", "0.2", "--get-trickle-rate", "0.5", "--trickle-bytes-per-s", "8"]
+        + ["--oversize-video-bytes", "1000000", "--auth-fail-after-creates", "3", "--no-identify"]
     )
     config = config_from_args(args)
     assert (args.host, args.port) == ("127.0.0.1", 9001)
@@ -567,8 +656,16 @@ def test_cli_flags_build_the_config():
         "k",
     )
     assert config.faults == FaultConfig(
-        create_429_rate=0.25, create_drop_rate=0.1, download_bytes_per_s=1000.0
+        create_429_rate=0.25,
+        create_drop_rate=0.1,
+        download_bytes_per_s=1000.0,
+        create_504_after_create_rate=0.2,
+        get_trickle_rate=0.5,
+        trickle_bytes_per_s=8.0,
+        oversize_video_bytes=1_000_000,
+        auth_fail_after_creates=3,
     )
+    assert config.identify is False
     assert config_from_args(parser.parse_args([])) == EmulatorConfig()
     with pytest.raises(ValueError):
         config_from_args(parser.parse_args(["--create-500-rate", "0.7", "--create-502-rate", "0.7"]))

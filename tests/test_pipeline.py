@@ -57,7 +57,10 @@ def test_definitions_load_with_the_documented_graph(project: Project) -> None:
     graph = project.defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == {"generation_requests", "submitted_generations", "generation_results", "downloaded_videos"}
-    parents = {k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys} for k in graph.get_all_asset_keys()}
+    parents = {
+        k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
+        for k in graph.get_all_asset_keys()
+    }
     assert parents == {
         "generation_requests": set(),
         "submitted_generations": {"generation_requests"},
@@ -65,7 +68,10 @@ def test_definitions_load_with_the_documented_graph(project: Project) -> None:
         "downloaded_videos": {"generation_requests", "generation_results"},
     }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
-    assert checks == {("downloaded_videos", "videos_match_requests"), ("generation_results", "no_failed_generations")}
+    assert checks == {
+        ("downloaded_videos", "videos_match_requests"),
+        ("generation_results", "no_failed_generations"),
+    }
     for key in graph.get_all_asset_keys():
         node = graph.get(key)
         assert node.partitions_def.name == "prompt_sets"
@@ -87,7 +93,16 @@ def test_a_set_goes_from_catalog_to_verified_videos_through_the_sensor(project: 
     assert len(videos) == 2
     for video in videos:
         sidecar = json.loads(video.with_suffix(".json").read_text())
-        assert {"generation_id", "request_key", "prompt_set", "seed", "request", "timings", "cost", "video"} <= set(sidecar)
+        assert {
+            "generation_id",
+            "request_key",
+            "prompt_set",
+            "seed",
+            "request",
+            "timings",
+            "cost",
+            "video",
+        } <= set(sidecar)
         assert sidecar["request_key"] == video.stem and sidecar["prompt_set"] == SET
         assert sidecar["request"]["image_url"]["sha256"] and "base64" not in json.dumps(sidecar)
         probe = probe_video(video)
@@ -141,7 +156,9 @@ def test_data_version_of_the_catalog_changes_with_its_request_keys(project: Proj
     path.write_text(TWO_SEEDS + "    negative_prompt: text\n")
     second = project.submit(SET)
     versions = [
-        r.get_asset_materialization_events()[0].step_materialization_data.materialization.tags["dagster/data_version"]
+        r.get_asset_materialization_events()[0].step_materialization_data.materialization.tags[
+            "dagster/data_version"
+        ]
         for r in (first, second)
     ]
     assert versions[0] != versions[1]
@@ -163,7 +180,9 @@ def test_blocking_check_fails_on_a_truncated_video_and_stops_nothing_else(projec
     assert evaluation.check_name == "videos_match_requests" and not evaluation.passed
     assert video.stem in evaluation.metadata["details"].value
     # Blocking: the check's own step fails (a deployment would stop anything downstream of it) ...
-    assert {e.step_key for e in result.all_events if e.is_step_failure} == {"downloaded_videos_videos_match_requests"}
+    assert {e.step_key for e in result.all_events if e.is_step_failure} == {
+        "downloaded_videos_videos_match_requests"
+    }
     # ... and nothing else is touched: the other video stays verified, the asset stays materialized.
     store = project.defs.resources["video_store"].get()
     others = [p for p in (project.root / "outputs" / SET).glob("*.mp4") if p != video]
@@ -180,6 +199,7 @@ def test_completion_sensor_requests_once_per_terminal_state_and_bounds_its_tick(
     # Make all five due at once: a bounded tick polls only TICK_POLL_LIMIT of them.
     for row in project.ledger.rows(SET):
         project.ledger.postpone_poll(row.request_key, datetime(2000, 1, 1, tzinfo=UTC))
+
     def gets() -> int:
         return sum(project.emulator.stats()["requests"].get("GET /v2/video/generations", {}).values())
 
@@ -197,7 +217,9 @@ def test_completion_sensor_requests_once_per_terminal_state_and_bounds_its_tick(
     assert not project.tick("generation_completion_sensor", cursor).run_requests
 
 
-def test_prompt_set_sensor_registers_new_files_and_only_submits_when_asked(project: Project, monkeypatch) -> None:
+def test_prompt_set_sensor_registers_new_files_and_only_submits_when_asked(
+    project: Project, monkeypatch
+) -> None:
     (project.catalog_dir / "alpha.yaml").write_text(TWO_SEEDS)
     (project.catalog_dir / "beta.csv").write_text("image,prompt\n../../data/images/mug.png,A pan\n")
     first = project.tick("prompt_set_sensor")
@@ -278,7 +300,9 @@ def test_failed_and_in_doubt_generations_are_reported_not_raised(project: Projec
     assert collected.success  # a failed generation does not fail the asset
     results = materialization(collected, "generation_results")
     assert results["failed"] == 1
-    (warning,) = [c for c in collected.get_asset_check_evaluations() if c.check_name == "no_failed_generations"]
+    (warning,) = [
+        c for c in collected.get_asset_check_evaluations() if c.check_name == "no_failed_generations"
+    ]
     assert not warning.passed and warning.severity == dg.AssetCheckSeverity.WARN
     assert [r.state for r in project.ledger.rows(SET)] == [State.IN_DOUBT, State.IN_DOUBT]
 

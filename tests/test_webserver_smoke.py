@@ -161,8 +161,10 @@ def query_until_loaded(base_url: str, process: subprocess.Popen, log_path: Path)
                     if entries and all(e["loadStatus"] == "LOADED" for e in entries):
                         return workspace
             time.sleep(0.25)
-    pytest.fail(f"code location not loaded within {STARTUP_DEADLINE_S:.0f} s; last answer: {last}\n"
-                f"{log_path.read_text()[-3000:]}")
+    pytest.fail(
+        f"code location not loaded within {STARTUP_DEADLINE_S:.0f} s; last answer: {last}\n"
+        f"{log_path.read_text()[-3000:]}"
+    )
 
 
 @pytest.mark.slow

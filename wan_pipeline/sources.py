@@ -3,7 +3,8 @@
 A reference is a local path, any fsspec URL (`s3://`, `memory://`, `file://`...), an http(s) URL or a
 `data:` URI. http(s) URLs are passed to the provider unchanged (the provider fetches them); every
 other reference is read here, its type detected from the bytes (never the extension), and sent as a
-data URI. Local paths must resolve inside an allowed root so a catalog cannot upload arbitrary files.
+data URI. Local paths must resolve inside an allowed root (or the catalog's own folder) so a catalog
+cannot upload arbitrary files; with neither given, nothing local is allowed.
 """
 
 from __future__ import annotations
@@ -13,20 +14,33 @@ import binascii
 import functools
 import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
 
 from wan_pipeline.models import ModelSpec
+from wan_pipeline.safe_text import printable, quoted
 
 IMAGE_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "BMP": "image/bmp", "WEBP": "image/webp"}
 AUDIO_MIME = {"wav": "audio/wav", "mp3": "audio/mpeg"}
 
 
+ALLOWED_ROOTS_SETTING = "WAN_PIPELINE_ALLOWED_ROOTS"
+
+
 class MediaError(ValueError):
-    """A media reference that cannot be used: unreadable, wrong type, wrong size."""
+    """A media reference that cannot be used: unreadable, wrong type, wrong size.
+
+    Raised before any API call, so nothing was bought (`created` is False, like a create error's).
+    """
+
+    created: bool | None = False
+
+
+class MediaChanged(MediaError):
+    """The bytes about to be sent are not the ones the request key was computed from."""
 
 
 @dataclass(frozen=True)
@@ -54,14 +68,25 @@ def has_scheme(ref: str) -> bool:
 
 
 def resolve_local_path(ref: str, base_dir: Path | None, allowed_roots: Sequence[Path]) -> Path:
-    """Resolve a local path (relative to `base_dir`) and refuse anything outside `allowed_roots`."""
+    """Resolve a local path (relative to `base_dir`) and refuse anything outside `base_dir` and
+    `allowed_roots`. With neither, nothing local is allowed: fail closed, never "anything goes"."""
+    roots = [Path(r).expanduser().resolve() for r in allowed_roots]
+    if base_dir is not None:
+        roots.append(Path(base_dir).expanduser().resolve())
+    if not roots:
+        raise MediaError(
+            f"local media {quoted(ref)} is not allowed: no allowed roots are configured "
+            f"(set {ALLOWED_ROOTS_SETTING} to the folders media may be read from)"
+        )
     path = Path(ref).expanduser()
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
     resolved = path.resolve()
-    roots = [Path(r).resolve() for r in allowed_roots]
-    if roots and not any(resolved == root or resolved.is_relative_to(root) for root in roots):
-        raise MediaError(f"{ref!r} resolves to {resolved}, outside the allowed roots {[str(r) for r in roots]}")
+    if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        shown = ", ".join(printable(root) for root in roots)
+        raise MediaError(
+            f"{quoted(ref)} resolves to {printable(resolved)}, outside the allowed roots [{shown}]"
+        )
     return resolved
 
 
@@ -74,7 +99,7 @@ def read_bytes(ref: str, *, base_dir: Path | None = None, allowed_roots: Sequenc
         except (ValueError, binascii.Error) as exc:
             raise MediaError(f"malformed data URI: {exc}") from None
     if is_http_url(ref):
-        raise MediaError(f"{ref!r} is an http(s) URL: the provider fetches it, it is not read locally")
+        raise MediaError(f"{quoted(ref)} is an http(s) URL: the provider fetches it, it is not read locally")
     try:
         if has_scheme(ref) and not ref.startswith("file://"):
             with fsspec.open(ref, "rb") as handle:
@@ -84,7 +109,7 @@ def read_bytes(ref: str, *, base_dir: Path | None = None, allowed_roots: Sequenc
     except MediaError:
         raise
     except (OSError, ValueError, ImportError) as exc:
-        raise MediaError(f"cannot read {ref!r}: {exc.__class__.__name__}: {exc}") from None
+        raise MediaError(f"cannot read {quoted(ref)}: {exc.__class__.__name__}: {printable(exc)}") from None
 
 
 def inspect_image(data: bytes, spec: ModelSpec) -> MediaInfo:
@@ -97,11 +122,15 @@ def inspect_image(data: bytes, spec: ModelSpec) -> MediaInfo:
         with Image.open(io.BytesIO(data)) as image:
             fmt, (width, height) = image.format, image.size
     except Image.DecompressionBombError:
-        raise MediaError(f"image declares too many pixels; allowed: each side {spec.image_min_side}-{spec.image_max_side} px") from None
+        raise MediaError(
+            f"image declares too many pixels; allowed: each side {spec.image_min_side}-{spec.image_max_side} px"
+        ) from None
     except (UnidentifiedImageError, OSError) as exc:
         # Pillow's "cannot identify" message names the BytesIO object (a memory address): useless and unstable.
         reason = "unrecognised format" if isinstance(exc, UnidentifiedImageError) else exc
-        raise MediaError(f"not a readable image ({reason}); allowed: {', '.join(spec.image_formats)}") from None
+        raise MediaError(
+            f"not a readable image ({reason}); allowed: {', '.join(spec.image_formats)}"
+        ) from None
     if fmt not in spec.image_formats:
         raise MediaError(f"image format {fmt}, allowed: {', '.join(spec.image_formats)}")
     low, high = spec.image_min_side, spec.image_max_side
@@ -161,29 +190,46 @@ def load_media(
 
 
 @functools.lru_cache(maxsize=32)
-def _local_data_uri(path: Path, size: int, mtime_ns: int, kind: str, spec: ModelSpec) -> str:
-    # Keyed by size and mtime too: an image edited in place is read and checked again.
+def _local_data_uri(path: Path, size: int, mtime_ns: int, kind: str, spec: ModelSpec) -> tuple[str, str]:
+    # Keyed by size and mtime too: an image edited in place is read, checked and hashed again.
     data = path.read_bytes()
     info = inspect_image(data, spec) if kind == "image" else inspect_audio(data, spec)
-    return to_data_uri(data, info.mime)
+    return to_data_uri(data, info.mime), info.sha256
 
 
 def wire_reference(
     ref: str, kind: str, spec: ModelSpec, *, base_dir: Path | None = None, allowed_roots: Sequence[Path] = ()
-) -> str:
-    """What goes into the create body for a reference: http(s) unchanged, anything else a data URI.
+) -> tuple[str, str | None]:
+    """What goes into the create body for a reference, with the sha256 of the bytes inlined.
 
-    A set usually reuses a few images across many generations: a local file is read, checked and
-    encoded once (per content version), not once per create.
+    http(s) references go unchanged (the provider fetches them: no sha256 here); anything else
+    becomes a data URI. A set usually reuses a few images across many generations: a local file is
+    read, checked, hashed and encoded once (per content version), not once per create.
     """
     if is_http_url(ref):
-        return ref
+        return ref, None
     if not is_data_uri(ref) and (not has_scheme(ref) or ref.startswith("file://")):
         path = resolve_local_path(ref.removeprefix("file://"), base_dir, allowed_roots)
         try:
             stat = path.stat()
             return _local_data_uri(path, stat.st_size, stat.st_mtime_ns, kind, spec)
         except OSError as exc:
-            raise MediaError(f"cannot read {ref!r}: {exc.__class__.__name__}: {exc}") from None
+            raise MediaError(
+                f"cannot read {quoted(ref)}: {exc.__class__.__name__}: {printable(exc)}"
+            ) from None
     data, info = load_media(ref, kind, spec, base_dir=base_dir, allowed_roots=allowed_roots)
-    return to_data_uri(data, info.mime)
+    return to_data_uri(data, info.mime), info.sha256
+
+
+def check_unchanged(
+    ref: str, kind: str, sent_sha256: str | None, expected: Mapping[str, str | None] | None
+) -> None:
+    """Refuse to send media whose bytes differ from the ones the request key was computed from.
+
+    `sent_sha256` is None for http(s) references: the provider fetches those, nothing here can check them.
+    """
+    wanted = (expected or {}).get(kind)
+    if wanted is None or sent_sha256 is None:
+        return
+    if sent_sha256 != wanted.lower():
+        raise MediaChanged(f"{kind} changed since it was validated: {printable(ref)}")

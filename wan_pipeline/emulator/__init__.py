@@ -12,8 +12,12 @@ Where the contract is silent, the emulator assumes (and a client must not rely o
   length-checked (upstream truncates); `duration` may be a numeric string.
 - The 429 body carries `statusCode` as the string "429", as in the provider's documented example;
   `Retry-After` (when injected) is in seconds and may be fractional, e.g. "0.5".
-- Injected 500/502/503/504 answers on create never create a generation; only `create_drop` creates
-  one whose answer is lost (the connection is closed without a response).
+- Injected 500/502/503/504 answers on create never create a generation. Three faults do create
+  (and charge) one whose answer is lost or ambiguous: `create_drop` (the connection is closed
+  without a response), `create_500_after_create` and `create_504_after_create`.
+- Hostile-server faults: trickled answers (`*_trickle_rate`, `trickle_bytes_per_s`), videos padded
+  past any sane size (`oversize_video_bytes`), a key revoked after N creates (`auth_fail_after_creates`).
+- `GET /_emulator/info` names the emulator and its version (404 with `identify=False`).
 - An http(s) `image_url` cannot be fetched offline: a generated placeholder image is animated
   instead; an http(s) `audio_url` is replaced by a tone.
 - A malformed `X-Client-Request-Id` is ignored (not echoed) rather than refused.

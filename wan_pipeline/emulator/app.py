@@ -7,6 +7,8 @@ CDN and controls (no auth):
   GET  /_emulator/videos/<id>.mp4?Expires=&Signature=   the signed video (403 expired/bad, 404 unknown)
   GET  /_emulator/blob/<n_bytes>                n deterministic bytes, for download benchmarks
   GET  /_emulator/stats  POST /_emulator/reset  POST /_emulator/faults (JSON of FaultConfig fields)
+  GET  /_emulator/info                          {"emulator": "wan-pipeline", "version": ...}; 404 when
+                                                `identify` is off (a test's stand-in for another server)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import functools
 import hmac
 import random
 import re
+import struct
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
@@ -31,6 +34,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from wan_pipeline import __version__
 from wan_pipeline.emulator.state import DownloadRefused, EmulatorState, UnknownGeneration, credits_for
 from wan_pipeline.emulator.validation import BodyInvalid, parse_create_body, required_issue
 from wan_pipeline.models import usd_from_credits
@@ -43,6 +47,8 @@ SERVER_ERRORS = {
     "503": "Service unavailable",
     "504": "Generation timeout",
 }
+# Faults that answer an error only after the generation was created and charged.
+AFTER_CREATE_ERRORS = {"500_after_create": 500, "504_after_create": 504}
 UNAUTHORIZED = "This request requires a valid API key. Pass it as `Authorization: Bearer <key>`."
 OUT_OF_CREDITS = "You have run out of credits. Top up your balance to continue."
 STREAM_CHUNK = 1024 * 1024
@@ -161,12 +167,14 @@ def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 async def _paced(
-    read: Callable[[int, int], bytes], start: int, end: int, rate: float | None
+    read: Callable[[int, int], bytes], start: int, end: int, rate: float | None, step: int | None = None
 ) -> AsyncIterator[bytes]:
-    """Yield bytes [start, end) in chunks, no faster than `rate` bytes per second when set."""
+    """Yield bytes [start, end) in chunks (of `step` bytes when given), no faster than `rate` bytes
+    per second when set."""
     loop = asyncio.get_running_loop()
     begun, sent = loop.time(), 0
-    step = STREAM_CHUNK if rate is None else max(1024, min(STREAM_CHUNK, int(rate / 20)))
+    if step is None:
+        step = STREAM_CHUNK if rate is None else max(1024, min(STREAM_CHUNK, int(rate / 20)))
     for offset in range(start, end, step):
         piece = read(offset, min(step, end - offset))
         yield piece
@@ -177,8 +185,47 @@ async def _paced(
                 await asyncio.sleep(delay)
 
 
+def _trickle_step(bytes_per_s: float) -> int:
+    # A few bytes at a time, several times a second: every read gets data, so no read timeout fires.
+    return max(1, int(bytes_per_s / 4))
+
+
+def trickled(response: Response, bytes_per_s: float) -> Response:
+    """The same answer (status, headers, body), its body sent a few bytes at a time."""
+    body = bytes(response.body)
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-type"}
+    return StreamingResponse(
+        _paced(lambda at, n: body[at : at + n], 0, len(body), bytes_per_s, _trickle_step(bytes_per_s)),
+        status_code=response.status_code,
+        headers=headers,
+        media_type=response.media_type,
+    )
+
+
+def padded_reader(data: bytes, size: int) -> Callable[[int, int], bytes]:
+    """Read `data` padded to `size` bytes with a trailing mp4 `free` box (zeros), never built in memory."""
+    pad = size - len(data)
+    if pad >= 16:
+        # A box's 32-bit size field, or size 1 and a 64-bit size for a pad of 4 GiB or more.
+        header = struct.pack(">I4s", pad, b"free") if pad < 2**32 else struct.pack(">I4sQ", 1, b"free", pad)
+    else:
+        header = b""
+    prefix = data + header
+
+    def read(at: int, n: int) -> bytes:
+        piece = prefix[at : at + n]
+        return piece + bytes(max(min(n, size - at) - len(piece), 0))
+
+    return read
+
+
 def _bytes_response(
-    request: Request, size: int, read: Callable[[int, int], bytes], media_type: str, rate: float | None
+    request: Request,
+    size: int,
+    read: Callable[[int, int], bytes],
+    media_type: str,
+    rate: float | None,
+    step: int | None = None,
 ) -> Response:
     """A streamed body with content-length, honouring a single Range like the provider's CDN."""
     headers = {"Accept-Ranges": "bytes"}
@@ -192,7 +239,7 @@ def _bytes_response(
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     headers["Content-Length"] = str(end - start)
     return StreamingResponse(
-        _paced(read, start, end, rate), status_code=status, headers=headers, media_type=media_type
+        _paced(read, start, end, rate, step), status_code=status, headers=headers, media_type=media_type
     )
 
 
@@ -206,9 +253,18 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
             return False
         return config.api_key is None or _same_secret(token, config.api_key)
 
+    def answer(endpoint: str, response: Response) -> Response:
+        if state.trickles(endpoint):
+            return trickled(response, state.faults.trickle_bytes_per_s)
+        return response
+
     async def create_generation(request: Request) -> Response:
+        response = await create_answer(request)
+        return response if isinstance(response, DroppedResponse) else answer("create", response)
+
+    async def create_answer(request: Request) -> Response | DroppedResponse:
         headers = _echo_headers(request)
-        if not authorized(request):
+        if not authorized(request) or state.key_revoked():
             return provider_error(401, UNAUTHORIZED, request, headers)
         # Rate limiting comes before body validation, upstream failures after it.
         fault = state.create_fault()
@@ -231,6 +287,9 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
             # Counted here: no response will start, and the client must find it counted once cut off.
             state.count_request(f"POST {GENERATIONS_PATH}", "dropped")
             return DroppedResponse(drop_connection)
+        if fault in AFTER_CREATE_ERRORS:
+            status = AFTER_CREATE_ERRORS[fault]
+            return provider_error(status, SERVER_ERRORS[str(status)], request, headers)
         credits = generation.credits_used
         headers |= {
             "x-inference-id": generation.id,
@@ -241,6 +300,9 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
         return JSONResponse(body, headers=headers)
 
     async def get_generation(request: Request) -> Response:
+        return answer("get", await get_answer(request))
+
+    async def get_answer(request: Request) -> Response:
         headers = _echo_headers(request)
         if not authorized(request):
             return provider_error(401, UNAUTHORIZED, request, headers)
@@ -275,13 +337,13 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
         except DownloadRefused as exc:
             return _cdn_error(403, "AccessDenied", str(exc))
         data = await asyncio.wrap_future(state.videos.fetch(recipe))
-        return _bytes_response(
-            request,
-            len(data),
-            lambda at, n: data[at : at + n],
-            "video/mp4",
-            state.faults.download_bytes_per_s,
-        )
+        faults = state.faults
+        size = max(len(data), faults.oversize_video_bytes or 0)
+        if state.trickles("download"):
+            rate, step = faults.trickle_bytes_per_s, _trickle_step(faults.trickle_bytes_per_s)
+        else:
+            rate, step = faults.download_bytes_per_s, None
+        return _bytes_response(request, size, padded_reader(data, size), "video/mp4", rate, step)
 
     async def blob(request: Request) -> Response:
         pattern = _blob_pattern()  # byte i of the blob is pattern[i % STREAM_CHUNK]
@@ -292,6 +354,11 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
             "application/octet-stream",
             state.faults.download_bytes_per_s,
         )
+
+    async def info(request: Request) -> Response:
+        if not config.identify:
+            return provider_error(404, "Not Found", request)
+        return JSONResponse({"emulator": "wan-pipeline", "version": __version__})
 
     async def stats(request: Request) -> Response:
         return JSONResponse(state.stats())
@@ -318,6 +385,7 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
         Route(GENERATIONS_PATH, get_generation, methods=["GET"]),
         Route("/_emulator/videos/{name:str}", download_video, methods=["GET"]),
         Route("/_emulator/blob/{n_bytes:int}", blob, methods=["GET"]),
+        Route("/_emulator/info", info, methods=["GET"]),
         Route("/_emulator/stats", stats, methods=["GET"]),
         Route("/_emulator/reset", reset, methods=["POST"]),
         Route("/_emulator/faults", update_faults, methods=["POST"]),

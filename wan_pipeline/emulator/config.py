@@ -11,8 +11,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-CREATE_FAULTS = ("429", "500", "502", "503", "504", "drop")
+CREATE_FAULTS = ("429", "500", "502", "503", "504", "drop", "500_after_create", "504_after_create")
 GET_FAULTS = ("429", "500", "502", "503", "504")
+
+
+# FaultConfig fields that are not rates, by kind (everything else is a probability in [0, 1]).
+_POSITIVE_OR_NONE = frozenset({"download_bytes_per_s", "credit_limit"})
+_COUNTS = frozenset({"oversize_video_bytes", "auth_fail_after_creates"})
 
 
 def _is_number(value: Any) -> bool:
@@ -32,6 +37,9 @@ class FaultConfig:
     create_504_rate: float = 0.0
     # The create is accepted (generation exists, credits charged) but the connection is closed unanswered.
     create_drop_rate: float = 0.0
+    # The ambiguous creates of the contract: accepted and charged, then answered 500 or 504.
+    create_500_after_create_rate: float = 0.0
+    create_504_after_create_rate: float = 0.0
     get_429_rate: float = 0.0
     get_500_rate: float = 0.0
     get_502_rate: float = 0.0
@@ -41,13 +49,31 @@ class FaultConfig:
     download_bytes_per_s: float | None = None  # throttle for video and blob downloads; None = full speed
     # The account's credits: a create that would spend past them answers 403 (out of credits).
     credit_limit: float | None = None
+    # Hostile servers. A trickled answer (drawn per request, independently of the faults above)
+    # sends its body a few bytes at a time at `trickle_bytes_per_s`: no per-read timeout fires.
+    create_trickle_rate: float = 0.0
+    get_trickle_rate: float = 0.0
+    download_trickle_rate: float = 0.0
+    trickle_bytes_per_s: float = 4.0
+    # Videos padded to this many bytes (an mp4 `free` box at the end: still a valid mp4).
+    oversize_video_bytes: int | None = None
+    # After this many accepted creates, every create answers 401 (a key revoked mid-run).
+    auth_fail_after_creates: int | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("download_bytes_per_s", "credit_limit"):
+            if f.name in _POSITIVE_OR_NONE:
                 if value is not None and not (_is_number(value) and value > 0):
                     raise ValueError(f"{f.name} must be a positive number or None, got {value!r}")
+            elif f.name in _COUNTS:
+                if value is not None and not (
+                    isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                ):
+                    raise ValueError(f"{f.name} must be a whole number >= 0 or None, got {value!r}")
+            elif f.name == "trickle_bytes_per_s":
+                if not (_is_number(value) and value > 0):
+                    raise ValueError(f"trickle_bytes_per_s must be a positive number, got {value!r}")
             elif f.name == "retry_after_s":
                 if not (_is_number(value) and value >= 0):
                     raise ValueError(f"retry_after_s must be a number >= 0, got {value!r}")
@@ -85,6 +111,8 @@ class EmulatorConfig:
     # Benchmark mode: frames 72 px on the short side at 8 fps instead of the requested resolution at 30 fps.
     small_frames: bool = False
     cache_dir: str | Path | None = None  # optional on-disk cache of encodes (an in-memory LRU is always on)
+    # GET /_emulator/info names the emulator; False answers 404 there, as another server would.
+    identify: bool = True
     faults: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
@@ -127,12 +155,18 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
         action="store_true",
         help="benchmark mode: requested frame size at 2 fps (cheap encodes), exact duration",
     )
+    parser.add_argument(
+        "--no-identify",
+        dest="identify",
+        action="store_false",
+        help="answer 404 on /_emulator/info, like another implementation of the API",
+    )
     group = parser.add_argument_group("fault injection (rates are probabilities per request)")
     for f in fields(FaultConfig):
         group.add_argument(
             _fault_flag(f.name),
             dest=f.name,
-            type=float,
+            type=int if f.name in _COUNTS else float,
             default=getattr(defaults.faults, f.name),
             metavar="RATE" if f.name.endswith("_rate") else "N",
         )
@@ -142,4 +176,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     faults = FaultConfig(**{f.name: getattr(args, f.name) for f in fields(FaultConfig)})
     settings = {name: getattr(args, name) for _, name, _, _ in _CONFIG_FLAGS}
-    return EmulatorConfig(small_frames=bool(args.small_frames), faults=faults, **settings)
+    return EmulatorConfig(
+        small_frames=bool(args.small_frames), identify=bool(args.identify), faults=faults, **settings
+    )

@@ -31,6 +31,7 @@ from wan_pipeline.models import CREDITS_PER_USD
 USD_PER_SECOND = {"1080p": 0.1575, "720p": 0.105}
 ID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 ID_LENGTH = 21  # like the provider's ids, e.g. "V2cdWP9kao8xiofM-OvwG"
+TRICKLED_ENDPOINTS = ("create", "get", "download")
 
 
 def credits_for(resolution: str, duration: int) -> int:
@@ -115,7 +116,14 @@ class EmulatorState:
             self._media: dict[str, bytes] = {}  # image/audio content by identity
             self._rng = {
                 name: random.Random(f"{seed}/{name}")
-                for name in ("create-faults", "get-faults", "retry-after", "outcomes", "jitter")
+                for name in (
+                    "create-faults",
+                    "get-faults",
+                    "retry-after",
+                    "outcomes",
+                    "jitter",
+                    *(f"{endpoint}-trickle" for endpoint in TRICKLED_ENDPOINTS),
+                )
             }
 
     def update_faults(self, **changes: Any) -> FaultConfig:
@@ -133,6 +141,18 @@ class EmulatorState:
     def get_fault(self) -> str | None:
         with self._lock:
             return _pick(self._rng["get-faults"], self.faults.get_faults())
+
+    def trickles(self, endpoint: str) -> bool:
+        """Whether this answer of `endpoint` ("create", "get", "download") is sent a few bytes at a time."""
+        with self._lock:
+            rate = getattr(self.faults, f"{endpoint}_trickle_rate")
+            return self._rng[f"{endpoint}-trickle"].random() < rate
+
+    def key_revoked(self) -> bool:
+        """Whether `auth_fail_after_creates` accepted creates have been made: every create is now a 401."""
+        limit = self.faults.auth_fail_after_creates
+        with self._lock:
+            return limit is not None and len(self._generations) >= limit
 
     def retry_after(self) -> float | None:
         """Retry-After seconds for a create 429, or None when this 429 carries none."""
@@ -263,7 +283,8 @@ class EmulatorState:
                 "creates_by_body_hash": dict(self._creates_by_body),
                 "generations": generations,
                 "accepted_creates": len(generations),
-                "credits_used": sum(g["credits_used"] for g in generations.values()),
+                # Every accepted create is charged, whatever its answer was (500/504 after create, drop).
+                "credits_charged": sum(g["credits_used"] for g in generations.values()),
                 "encodes": self.videos.encodes,
                 "faults": asdict(self.faults),
             }
