@@ -43,13 +43,14 @@ def baseline_polls_and_lag(latency_s: float, interval_s: float) -> tuple[int, fl
 def measure(latency_s: float, jitter_s: float, count: int, time_scale: float, root: Path) -> dict[str, Any]:
     from wan_pipeline.emulator import EmulatorConfig
     from wan_pipeline.ledger import Ledger
+    from wan_pipeline.scopes import EMULATOR_SCOPE
 
     config = EmulatorConfig(latency_s=latency_s, latency_jitter_s=jitter_s, small_frames=True)
     measurement = measure_pipeline_run(
         count, config, root, expected_s=latency_s, deadline_s=latency_s + jitter_s + 120
     )
     generations = measurement.stats["generations"]
-    rows = Ledger(measurement.ledger_url).rows("bench")
+    rows = Ledger(measurement.ledger_url, scope=EMULATOR_SCOPE).rows("bench")
     lags, latencies, polls = [], [], []
     for row in rows:
         generation = generations.get(row.generation_id)

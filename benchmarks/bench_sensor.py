@@ -62,13 +62,14 @@ def worker_ticks(params: dict[str, Any]) -> dict[str, Any]:
     from wan_pipeline.ledger import Ledger
     from wan_pipeline.polling import poll_due
     from wan_pipeline.runner import ensure_dagster_home
+    from wan_pipeline.scopes import EMULATOR_SCOPE
     from wan_pipeline.settings import load_settings
     from wan_pipeline.submission import submit_prompt_set
 
     ensure_dagster_home(REPO)
     settings = load_settings()
     requests = load_prompt_set(Path(params["catalog"]), allowed_roots=[REPO / "data"]).requests
-    ledger = Ledger(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url, scope=EMULATOR_SCOPE)
     seed_config = ClientConfig(base_url=settings.base_url, api_key=settings.api_key,
                                max_concurrency=SEED_CONCURRENCY, expected_seconds=0.0)
     # What the sensor's resource hands to poll_due (definitions.py: concurrency from the environment).

@@ -58,8 +58,10 @@ def worker_bare(params: dict[str, Any]) -> dict[str, Any]:
     import httpx
 
     from wan_pipeline.api import build_create_body
+    from wan_pipeline.catalog import allowed_roots_for
 
-    bodies = [build_create_body(r.request) for r in _load_requests(params["catalog"])]
+    requests = _load_requests(params["catalog"])
+    bodies = [build_create_body(r.request, allowed_roots=allowed_roots_for(Path(r.source_file))) for r in requests]
     url = params["base_url"] + "/v2/video/generations"
     headers = {"Authorization": f"Bearer {BENCH_API_KEY}"}
 
@@ -84,12 +86,13 @@ def worker_core(params: dict[str, Any]) -> dict[str, Any]:
     os.environ.update(params["env"])
     from wan_pipeline.api import AsyncAimlApiClient, ClientConfig
     from wan_pipeline.ledger import Ledger
+    from wan_pipeline.scopes import EMULATOR_SCOPE
     from wan_pipeline.settings import load_settings
     from wan_pipeline.submission import submit_prompt_set
 
     settings = load_settings()
     requests = _load_requests(params["catalog"])
-    ledger = Ledger(settings.ledger_url)
+    ledger = Ledger(settings.ledger_url, scope=EMULATOR_SCOPE)
     config = ClientConfig(base_url=settings.base_url, api_key=settings.api_key, max_concurrency=API_CONCURRENCY)
     with PeakMemory() as memory:
         start = time.perf_counter()

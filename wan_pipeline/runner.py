@@ -8,11 +8,14 @@ and sensor cursors land in the instance, so `dagster dev` shows the same history
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +25,7 @@ import dagster as dg
 
 from wan_pipeline.catalog import discover_prompt_sets, format_reports, load_prompt_set, validate_paths
 from wan_pipeline.defs.sensors import STATES_TAG, collection_run_request
-from wan_pipeline.ledger import AttemptOutcome, Ledger, State
+from wan_pipeline.ledger import Ledger, State
 from wan_pipeline.ledger.reports import spend, spend_by_set
 from wan_pipeline.safe_text import printable
 from wan_pipeline.scopes import scope_in_use
@@ -35,6 +38,9 @@ from wan_pipeline.submission import (
     plan_submission,
 )
 
+# The waiting loop stops this long before the deadline (at most a quarter of it), so the videos that
+# are finished can still be collected before the hard wall.
+COLLECT_RESERVE_S = 60.0
 QUIET_LOGGING = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 # No pool limit here: a run killed mid-step would hold its `aimlapi` slot forever, and nothing in a
 # local instance frees it (deploy/dagster.yaml sets the limit, with the daemon's run monitoring).
@@ -44,6 +50,42 @@ INSTANCE_YAML = """\
 telemetry:
   enabled: false
 """
+
+
+class DeadlineReached(KeyboardInterrupt):
+    """`run --deadline` passed: raised into whatever the run was doing, like Ctrl-C.
+
+    A KeyboardInterrupt, so that Dagster and asyncio unwind the way they do for an interrupt: a
+    create that was sent and not answered is settled by its recorded tries (in doubt), a download's
+    temporary file is swept by the next collection of its set.
+    """
+
+
+@dataclass
+class Wall:
+    seconds: float
+    hit: bool = False
+
+
+@contextlib.contextmanager
+def hard_deadline(seconds: float) -> Iterator[Wall]:
+    """Interrupt the main thread after `seconds`, whatever call it is in (no-op off the main thread)."""
+    wall = Wall(seconds)
+    if threading.current_thread() is not threading.main_thread():
+        yield wall
+        return
+
+    def on_alarm(signum: int, frame: object) -> None:
+        wall.hit = True
+        raise DeadlineReached(f"the deadline of {seconds:.0f} s was reached")
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))
+    try:
+        yield wall
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def ensure_dagster_home(project_dir: Path) -> Path:
@@ -158,14 +200,25 @@ class PipelineRunner:
             self.instance.add_dynamic_partitions("prompt_sets", missing)
 
         outcomes = {name: SetOutcome(name) for name in names}
-        stop_reason = None
-        for name in names:
-            if stop_reason:
-                outcomes[name].errors.append(f"not submitted: {stop_reason}")
-                outcomes[name].submission_recorded = False
-                continue
-            stop_reason = self.submit(name, options, outcomes[name])
-        self.wait_and_collect(outcomes, options)
+        started = time.monotonic()
+        with hard_deadline(options.deadline_s) as wall:
+            try:
+                stop_reason = None
+                for name in names:
+                    if stop_reason or wall.hit:
+                        outcomes[name].errors.append(f"not submitted: {stop_reason or 'the deadline passed'}")
+                        outcomes[name].submission_recorded = False
+                        continue
+                    stop_reason = self.submit(name, options, outcomes[name])
+                if not wall.hit:
+                    self.wait_and_collect(outcomes, options, started)
+            except BaseException:
+                # Dagster re-raises an interrupt as its own error type: the alarm says whether it was ours.
+                if not wall.hit:
+                    raise
+        if wall.hit:
+            for outcome in outcomes.values():
+                outcome.errors.append(f"stopped at the hard deadline of {options.deadline_s:.0f} s, mid-call")
         self.summarize(outcomes)
         return 0 if all(o.ok for o in outcomes.values()) else 1
 
@@ -238,9 +291,8 @@ class PipelineRunner:
             logging.disable(logging.NOTSET)
         return result.cursor, list(result.run_requests or [])
 
-    def wait_and_collect(self, outcomes: dict[str, SetOutcome], options: RunOptions) -> None:
-        started = time.monotonic()
-        give_up_at = started + options.deadline_s
+    def wait_and_collect(self, outcomes: dict[str, SetOutcome], options: RunOptions, started: float) -> None:
+        give_up_at = started + options.deadline_s - min(COLLECT_RESERVE_S, options.deadline_s / 4)
         # Even a set whose submission stopped partway (out of credits, say) is waited for: what was
         # bought before the stop is collected now, not left for a rerun to find.
         active = {name for name, outcome in outcomes.items() if outcome.submission_recorded}
@@ -355,5 +407,4 @@ class PipelineRunner:
             "NOT SUBMITTED" in n for n in notes
         ):
             self.say("Nothing new was submitted: every generation was already in the ledger ($0 spent).")
-        created = sum(a.outcome == AttemptOutcome.CREATED for a in run_attempts)
-        self.say(f"total {this_run.describe()} bought by this run ({created} accepted create(s))")
+        self.say(f"total {this_run.describe()} bought by this run")

@@ -134,7 +134,7 @@ class SubmissionReport:
     plan: SubmissionPlan
     new: int = 0  # creates accepted now
     reused: int = 0  # requests already bought, or claimed by another process meanwhile
-    in_doubt: list[str] = field(default_factory=list)  # keys that went in doubt in this run
+    in_doubt: list[str] = field(default_factory=list)  # every in-doubt key of the set after this run
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, message), rejected by this run
     failed_to_submit: list[tuple[str, str]] = field(default_factory=list)  # (key, why); still planned
     credits_used: float = 0.0
@@ -145,7 +145,7 @@ class SubmissionReport:
 
     @classmethod
     def of_plan(cls, plan: SubmissionPlan) -> SubmissionReport:
-        return cls(plan=plan, reused=len(plan.reused))
+        return cls(plan=plan, reused=len(plan.reused), in_doubt=list(plan.in_doubt))
 
 
 def learned_expectation(ledger: Ledger, override_s: float | None) -> Callable[[VideoRequest], float | None]:

@@ -13,6 +13,7 @@ from wan_pipeline.collection import collect_videos
 from wan_pipeline.ledger import LedgerRow, State
 from wan_pipeline.media import contact_sheet
 from wan_pipeline.polling import wait_until_terminal
+from wan_pipeline.safe_text import printable
 from wan_pipeline.submission import BudgetExceeded, SubmissionPlan, plan_submission, submit_prompt_set
 
 from .partitions import prompt_sets
@@ -165,7 +166,7 @@ def submitted_generations(
             max_usd=config.max_usd,
             resubmit_in_doubt=config.resubmit_in_doubt,
             retry_failed=config.retry_failed,
-            run_id=context.run_id,
+            run_id=context.run.run_id,
             allowed_roots=catalog.roots(),
         )
     except BudgetExceeded as exc:
@@ -259,7 +260,7 @@ def generation_results(
     }
     if len(failed):
         metadata["failures"] = dg.MetadataValue.md(
-            "\n".join(f"- `{r.request_key}`: {r.error}" for r in failed.itertuples())
+            "\n".join(f"- `{r.request_key}`: {printable(r.error)}" for r in failed.itertuples())
         )
     return dg.Output(frame, metadata=metadata)
 

@@ -7,6 +7,7 @@ import pandas as pd
 from wan_pipeline.catalog import requests_from_dataframe
 from wan_pipeline.collection import verify_videos
 from wan_pipeline.ledger import State
+from wan_pipeline.safe_text import printable
 
 from .assets import downloaded_videos, generation_results
 from .partitions import prompt_sets
@@ -52,7 +53,8 @@ def no_failed_generations(generation_results: pd.DataFrame) -> dg.AssetCheckResu
         metadata={
             "failed": len(failed),
             "failures": dg.MetadataValue.md(
-                "\n".join(f"- `{r.request_key}` ({r.state}): {r.error}" for r in failed.itertuples()) or "none"
+                "\n".join(f"- `{r.request_key}` ({r.state}): {printable(r.error)}" for r in failed.itertuples())
+                or "none"
             ),
         },
     )

@@ -13,6 +13,7 @@ import dagster as dg
 
 from wan_pipeline.ledger import SetProgress
 from wan_pipeline.polling import poll_due
+from wan_pipeline.safe_text import printable
 from wan_pipeline.storage import SLUG, file_sha256
 
 from .jobs import collect_job, submit_job
@@ -92,7 +93,7 @@ def generation_completion_sensor(
             f"{report.failed} failed, {report.still_pending} pending, {report.unfinished} left for next tick"
         )
     for error in report.errors[:10]:
-        context.log.warning(error)
+        context.log.warning(printable(error, 500))
 
     requested: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
     run_requests = []

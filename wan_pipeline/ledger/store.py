@@ -508,8 +508,7 @@ class Ledger:
             if answer.created is True:
                 if answer.generation_id is None or next_poll_at is None:
                     raise ValueError("an accepted create needs its generation id and a first poll time")
-                self._submitted(conn, request_key, attempt, answer, now, next_poll_at, expected_seconds)
-                return State.SUBMITTED
+                return self._submitted(conn, request_key, attempt, answer, now, next_poll_at, expected_seconds)
             if answer.created is False:
                 self._move(conn, request_key, {State.SUBMITTING}, State.PLANNED, {"error": answer.detail}, owned=True)
                 return State.PLANNED
@@ -554,9 +553,21 @@ class Ledger:
         now: datetime,
         next_poll_at: datetime,
         expected_seconds: float | None,
-    ) -> None:
+    ) -> State:
+        """An accepted create: the attempt is a purchase whatever happened to the row meanwhile.
+
+        The row becomes submitted with the id when this attempt is still its latest: claimed by this
+        process (also after recovery called it in doubt), or requeued for a resubmit that nobody has
+        claimed yet (the late answer saves buying it again). A row another attempt has claimed since
+        keeps that attempt; this one stays on record with its id and cost, so no spend is hidden.
+        """
         cost = _cost(answer.credits_used, answer.usd_spent)
+        self._close_attempt(
+            conn, request_key, attempt, AttemptOutcome.CREATED, now,
+            generation_id=answer.generation_id, replace_in_doubt=True, **cost,
+        )
         values: dict[str, Any] = {
+            "state": State.SUBMITTED.value,
             "generation_id": answer.generation_id,
             "raw_status": answer.raw_status,
             "submitted_at": now,
@@ -564,21 +575,22 @@ class Ledger:
             "error": None,
             "credits_used": cost.get("credits_used"),
             "usd_spent": cost.get("usd_spent"),
+            "updated_at": now,
         }
         if expected_seconds is not None:
             values["expected_seconds"] = expected_seconds
-        # The claimant's own answer counts even after its claim was recovered as in doubt.
-        self._move(conn, request_key, {State.SUBMITTING, State.IN_DOUBT}, State.SUBMITTED, values, owned=True)
-        self._close_attempt(
-            conn,
-            request_key,
-            attempt,
-            AttemptOutcome.CREATED,
-            now,
-            generation_id=answer.generation_id,
-            replace_in_doubt=True,
-            **cost,
+        claimed_by_me = sa.and_(
+            generations.c.state.in_(_values({State.SUBMITTING, State.IN_DOUBT})),
+            generations.c.claim_owner == self.owner,
         )
+        still_latest = sa.and_(
+            self._key(generations, request_key),
+            generations.c.attempts == attempt,
+            sa.or_(claimed_by_me, generations.c.state == State.PLANNED.value),
+        )
+        if conn.execute(sa.update(generations).where(still_latest).values(**values)).rowcount == 1:
+            return State.SUBMITTED
+        return State(self._require_row(conn, request_key).state)
 
     def finish_attempt(self, request_key: str, attempt: int, outcome: AttemptOutcome, error: str) -> None:
         """Close an attempt that created nothing (its tries were answered "not created", or none was
@@ -657,8 +669,14 @@ class Ledger:
             conn.execute(sa.update(generations).where(*guard).values(state=State.IN_DOUBT.value, error=error, updated_at=now))
             self._close_attempt(conn, key, attempt, AttemptOutcome.IN_DOUBT, now, error=error)
             return State.IN_DOUBT
-        error = f"not created: {reason} before a create was sent" if not tries else (
-            f"not created: {reason}; every try was answered 'not created'")
+        if not tries:
+            # A claim is recorded with its first try in one transaction, so a claim without any try
+            # was made before tries were recorded (a legacy row): it may well have been sent.
+            error = f"create outcome unknown: {reason}; claimed before tries were recorded"
+            conn.execute(sa.update(generations).where(*guard).values(state=State.IN_DOUBT.value, error=error, updated_at=now))
+            self._close_attempt(conn, key, attempt, AttemptOutcome.IN_DOUBT, now, error=error)
+            return State.IN_DOUBT
+        error = f"not created: {reason}; every try was answered 'not created'"
         conn.execute(sa.update(generations).where(*guard).values(state=State.PLANNED.value, error=error, updated_at=now))
         self._close_attempt(conn, key, attempt, AttemptOutcome.NOT_ACCEPTED, now, error=error)
         return State.PLANNED
