@@ -352,3 +352,22 @@ def test_a_request_shared_by_a_second_set_is_copied_from_the_store_not_downloade
         assert sidecar["reused_from"]["prompt_set"] == SET and sidecar["cost"]["usd_spent_by_this_set"] == 0.0
         checks = {c.check_name: c.passed for c in collected.get_asset_check_evaluations()}
         assert checks["videos_match_requests"]
+
+
+def test_a_video_larger_than_its_request_allows_never_reaches_its_final_name(tmp_path, monkeypatch) -> None:
+    # 5 s at 720p may be at most ~21 MB (see api.max_video_bytes); this server sends 40 MB.
+    config = EmulatorConfig(latency_s=0.3, api_key=EMULATOR_API_KEY, small_frames=True)
+    with running_emulator(config) as emulator, dg.instance_for_test() as instance:
+        emulator.update_faults(oversize_video_bytes=40 * 1024 * 1024)
+        project = make_project(tmp_path, emulator, monkeypatch, instance)
+        project.write_set(f"{SET}.yaml", TWO_SEEDS)
+        assert project.submit(SET).success
+        tick_until_collect_requested(project)
+        collected = project.collect(SET)
+
+        assert not collected.success
+        folder = tmp_path / "outputs" / SET
+        assert not list(folder.glob("*.mp4")) and not list(folder.glob(".*"))  # nothing kept, no temporaries
+        for row in project.ledger.rows(SET):
+            assert row.state is State.COMPLETED and "not stored: DownloadTooLarge" in row.error
+        assert project.ledger.progress(SET).collected == 0  # still to collect, not counted as stored
