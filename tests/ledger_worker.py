@@ -19,6 +19,9 @@ process, so tests can race two processes or SIGKILL one:
     claim-unsent TARGET KEY                      claim KEY and open its attempt without recording any
                                                  try (a claimant that never got to send), print
                                                  "claimed" and block until killed
+    accepted TARGET KEY                          send try 1 and record its accepted answer on the try's row
+                                                 only (`record_accepted_try`), print "recorded" and block
+                                                 until killed: the row was never moved to submitted
     open TARGET READY_FILE GO_FILE               once GO_FILE exists, open the ledger (which applies the
                                                  migrations), plan one key, print "opened"
     submit TARGET SET_FILE HANG_ON FLAG_FILE     submit the prompt set SET_FILE, one create at a time,
@@ -247,7 +250,13 @@ def _claim(target: LedgerTarget, keys_file: str, seed: str, ready_file: str, go_
     random.Random(int(seed)).shuffle(keys)
     Path(ready_file).touch()
     wait_for(Path(go_file).exists, "the go signal", interval_s=0.0005)
-    won = [key for key in keys if claim(ledger, key) is not None]
+    won = []
+    for key in keys:  # try 1 of attempt 1, straight to the ledger: the race is what is measured
+        try:
+            ledger.try_sending(key, 1, 1, client_request_id(key, 1, 1), AttemptClaim("race"))
+        except ClaimLost:
+            continue
+        won.append(key)
     print(json.dumps(won), flush=True)
 
 
@@ -336,6 +345,15 @@ def _claim_unsent(target: LedgerTarget, key: str) -> None:
     _block()
 
 
+def _accepted(target: LedgerTarget, key: str) -> None:
+    ledger = target.open()
+    attempt, try_number = send(ledger, key)
+    reply = TryAnswer(True, 200, "accepted", generation_id=generation_id(key, attempt), credits_used=CREDITS)
+    ledger.record_accepted_try(key, attempt, try_number, reply)
+    print("recorded", flush=True)
+    _block()
+
+
 def _open(target: LedgerTarget, ready_file: str, go_file: str) -> None:
     Path(ready_file).touch()
     wait_for(Path(go_file).exists, "the go signal", interval_s=0.0005)
@@ -351,6 +369,7 @@ if __name__ == "__main__":
         "hold": _hold,
         "wait": _wait,
         "claim-unsent": _claim_unsent,
+        "accepted": _accepted,
         "open": _open,
         "submit": _submit,
     }

@@ -129,9 +129,18 @@ def _finish(ledger: Ledger, k: str, outcome: AttemptOutcome) -> bool:
     return ledger.row(k).state is not before
 
 
+def _accepted(ledger: Ledger, k: str) -> bool:
+    """An accepted answer never raises (a paid create is always recorded on its attempt): it applied
+    when it moved the row. A row with no try recorded has nothing to answer."""
+    if not ledger.try_rows(k):
+        return False
+    before = ledger.row(k).state
+    return answer(ledger, k, True) is State.SUBMITTED and before is not State.SUBMITTED
+
+
 OPERATIONS: dict[str, Callable[[Ledger, str], bool]] = {
     "claim": lambda ledger, k: claim(ledger, k) is not None,
-    "answer_created": lambda ledger, k: _applied(lambda: answer(ledger, k, True)),
+    "answer_created": _accepted,
     "answer_not_created": lambda ledger, k: _applied(lambda: answer(ledger, k, False, status_code=503)),
     "answer_unknown": lambda ledger, k: _applied(lambda: answer(ledger, k, None, status_code=504)),
     "finish_rejected": lambda ledger, k: _finish(ledger, k, AttemptOutcome.REJECTED),
@@ -206,6 +215,18 @@ def test_a_second_try_re_claims_only_the_row_its_own_first_try_released(target: 
     assert attempt.client_request_id == client_request_id(key(1), 1, 2)  # of the try that was accepted
 
 
+def test_an_accepted_answer_for_a_try_never_recorded_moves_nothing(ledger: Ledger) -> None:
+    """Only a try recorded before it was sent can be answered: an answer for a try the ledger never
+    saw (a bug in the caller, or another process's numbers) must not turn a planned row into a
+    submitted purchase with no attempt behind it."""
+    ledger.plan("s", [planned(key(1))])
+    with pytest.raises((IllegalTransition, ValueError)):
+        answer(ledger, key(1), True, attempt=1, try_number=1)
+    row = ledger.row(key(1))
+    assert (row.state, row.generation_id) == (State.PLANNED, None)
+    assert ledger.attempts() == []
+
+
 def test_plan_files_a_shared_request_once_in_both_sets(ledger: Ledger) -> None:
     first = ledger.plan("alpha", [planned(key(1)), planned(key(2)), planned(key(1))])
     drive(ledger, key(2), State.SUBMITTED)
@@ -229,10 +250,9 @@ def test_only_the_claimant_records_the_outcome_of_its_create(target: LedgerTarge
     assert claim(other, key(1)) is None
 
     with pytest.raises(IllegalTransition, match="claimed by"):
-        answer(other, key(1), True, attempt=1, try_number=1)
-    with pytest.raises(IllegalTransition, match="claimed by"):
         answer(other, key(1), False, attempt=1, try_number=1)
-    other.finish_attempt(key(1), 1, AttemptOutcome.NOT_ACCEPTED, "not mine")  # no effect on another's claim
+    with pytest.raises(IllegalTransition, match="claimed by"):
+        answer(other, key(1), None, attempt=1, try_number=1)
     assert owner.row(key(1)).state is State.SUBMITTING
     (unanswered,) = owner.try_rows(key(1))
     assert unanswered.answered_at is None  # the refused answers left nothing behind
@@ -327,12 +347,17 @@ def test_a_stale_claim_is_recovered_and_a_late_answer_still_counts(target: Ledge
     assert [(a.outcome, a.generation_id) for a in other.attempts(request_keys=[key(1)])] == [
         ("created", generation_id(key(1), 1))
     ]
-    # Key 2 was explicitly resubmitted by another process meanwhile: the old claimant cannot touch it.
+    # Key 2 was explicitly resubmitted by another process meanwhile: the old claimant's late answer
+    # cannot touch the new attempt's row, but its purchase stays on record (two were bought).
     assert other.requeue([key(2)], from_states={State.IN_DOUBT}) == [key(2)]
     assert claim(other, key(2)) == 2
-    with pytest.raises(IllegalTransition, match="claimed by"):
-        answer(owner, key(2), True, attempt=1, try_number=1)
-    assert other.row(key(2)).claim_owner == other.owner
+    assert answer(owner, key(2), True, attempt=1, try_number=1) is State.SUBMITTING
+    row = other.row(key(2))
+    assert (row.state, row.claim_owner, row.attempts, row.generation_id) == (State.SUBMITTING, other.owner, 2, None)
+    assert [(a.attempt, a.outcome, a.generation_id) for a in other.attempts(request_keys=[key(2)])] == [
+        (1, "created", generation_id(key(2), 1)),
+        (2, None, None),
+    ]
 
 
 def test_requeue_happens_only_on_explicit_request(ledger: Ledger) -> None:

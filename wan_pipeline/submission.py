@@ -49,6 +49,9 @@ from wan_pipeline.safe_text import printable
 log = logging.getLogger(__name__)
 
 ALL = "all"  # resubmit every in-doubt request of the set
+# What `exc.created` reads as for an exception that does not say (a bug, a cancellation): the client
+# never judged it, so nothing is known about the money.
+UNJUDGED = object()
 
 
 class CatalogRequestLike(Protocol):
@@ -311,7 +314,7 @@ async def submit_planned(
                 return
             except BaseException as exc:  # even a cancellation: the create may have been sent
                 await _record_failure(ledger, report, key, attempt, bool(sent), exc)
-                if getattr(exc, "created", "unexpected") == "unexpected":
+                if getattr(exc, "created", UNJUDGED) is UNJUDGED:
                     raise
                 return
             answer = TryAnswer(
@@ -351,8 +354,7 @@ async def _record_failure(
 ) -> None:
     """Act on what the client says the failure means for the money (`exc.created`)."""
     message = printable(f"{type(exc).__name__}: {exc}", 500)
-    created = getattr(exc, "created", "unexpected")
-    if created is False:
+    if getattr(exc, "created", UNJUDGED) is False:
         if not sent:  # refused before anything was sent (its image changed, say): no attempt was made
             await asyncio.to_thread(ledger.note_not_sent, key, message)
             report.failed_to_submit.append((key, message))

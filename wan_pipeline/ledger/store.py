@@ -504,7 +504,10 @@ class Ledger:
         """
         now = self._clock()
         with self._writing() as conn:
-            self._record_try_answer(conn, request_key, attempt, try_number, answer, now)
+            if not self._record_try_answer(conn, request_key, attempt, try_number, answer, now):
+                raise IllegalTransition(
+                    f"request {request_key}: attempt {attempt} try {try_number} was never recorded as sent"
+                )
             if answer.created is True:
                 if answer.generation_id is None or next_poll_at is None:
                     raise ValueError("an accepted create needs its generation id and a first poll time")
@@ -514,7 +517,7 @@ class Ledger:
                 return State.PLANNED
             error = f"create outcome unknown: {answer.detail}"
             self._move(conn, request_key, {State.SUBMITTING, State.IN_DOUBT}, State.IN_DOUBT, {"error": error}, owned=True)
-            self._close_attempt(conn, request_key, attempt, AttemptOutcome.IN_DOUBT, now, error=error)
+            self._close_attempt(conn, request_key, attempt, AttemptOutcome.IN_DOUBT, now, error=error, owner=self.owner)
             return State.IN_DOUBT
 
     def record_accepted_try(self, request_key: str, attempt: int, try_number: int, answer: TryAnswer) -> None:
@@ -525,8 +528,8 @@ class Ledger:
 
     def _record_try_answer(
         self, conn: Connection, request_key: str, attempt: int, try_number: int, answer: TryAnswer, now: datetime
-    ) -> None:
-        conn.execute(
+    ) -> bool:
+        return conn.execute(
             create_tries.update()
             .where(
                 self._key(create_tries, request_key),
@@ -542,7 +545,7 @@ class Ledger:
                 usd_spent=answer.usd_spent,
                 detail=answer.detail,
             )
-        )
+        ).rowcount == 1
 
     def _submitted(
         self,
@@ -564,7 +567,7 @@ class Ledger:
         cost = _cost(answer.credits_used, answer.usd_spent)
         self._close_attempt(
             conn, request_key, attempt, AttemptOutcome.CREATED, now,
-            generation_id=answer.generation_id, replace_in_doubt=True, **cost,
+            generation_id=answer.generation_id, replace_in_doubt=True, owner=self.owner, **cost,
         )
         values: dict[str, Any] = {
             "state": State.SUBMITTED.value,
@@ -600,7 +603,7 @@ class Ledger:
         now = self._clock()
         owner = self.owner
         with self._writing() as conn:
-            self._close_attempt(conn, request_key, attempt, outcome, now, error=error)
+            self._close_attempt(conn, request_key, attempt, outcome, now, error=error, owner=self.owner)
             mine = [
                 self._key(generations, request_key),
                 generations.c.attempts == attempt,
@@ -631,7 +634,8 @@ class Ledger:
             if row.state != State.SUBMITTING.value or row.claim_owner != self.owner or row.attempts != attempt:
                 conn.execute(
                     attempts.update()
-                    .where(self._key(attempts, request_key), attempts.c.attempt == attempt, attempts.c.outcome.is_(None))
+                    .where(self._key(attempts, request_key), attempts.c.attempt == attempt, attempts.c.outcome.is_(None),
+                           attempts.c.claim_owner == self.owner)
                     .values(outcome=AttemptOutcome.NOT_ACCEPTED.value, finished_at=now, error=reason)
                 )
                 return None
@@ -692,11 +696,15 @@ class Ledger:
         error: str | None = None,
         generation_id: str | None = None,
         replace_in_doubt: bool = False,
+        owner: str | None = None,
         **cost: float,
     ) -> None:
+        """`owner`: close it only if that process made the attempt (None: recovery, on a dead owner's behalf)."""
         open_or_doubt = attempts.c.outcome.is_(None)
         if replace_in_doubt:
             open_or_doubt = sa.or_(open_or_doubt, attempts.c.outcome == AttemptOutcome.IN_DOUBT.value)
+        if owner is not None:
+            open_or_doubt = sa.and_(open_or_doubt, attempts.c.claim_owner == owner)
         values: dict[str, Any] = {"outcome": outcome.value, "finished_at": now, "error": error, **cost}
         if generation_id is not None:
             values["generation_id"] = generation_id

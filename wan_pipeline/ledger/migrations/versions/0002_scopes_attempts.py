@@ -102,6 +102,12 @@ def upgrade() -> None:
         f"INSERT INTO wan_generations_v2 (api_scope, {GENERATION_COLUMNS}) "
         f"SELECT '{LEGACY_SCOPE}', {GENERATION_COLUMNS} FROM wan_generations"
     )
+    # aa9253d claimed before sending: a row it left claimed may have been bought (see OUTCOME_OF_STATE).
+    op.execute(
+        "UPDATE wan_generations_v2 SET state = 'in_doubt', claim_owner = NULL, "
+        "error = 'claimed before this version recorded tries, never settled: the create may have been sent' "
+        "WHERE state = 'submitting'"
+    )
     op.create_table(
         "wan_prompt_set_members_v2",
         sa.Column("prompt_set", sa.String(128), nullable=False),
