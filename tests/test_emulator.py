@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import concurrent.futures
 import hashlib
 import io
 import json
@@ -386,6 +387,18 @@ def test_the_key_can_be_revoked_after_some_creates(emulator_client):
     emu, client = emulator_client
     assert [client.post(PATH, json=body(seed=n)).status_code for n in range(4)] == [200, 200, 401, 401]
     assert emu.stats()["accepted_creates"] == 2
+
+
+@pytest.mark.parametrize(
+    "emulator_client", [fast(faults=FaultConfig(auth_fail_after_creates=1, credit_limit=10**9))], indirect=True
+)
+def test_concurrent_creates_cannot_all_pass_the_accounts_checks(emulator_client):
+    # The checks and the create are one step: eight creates at once buy exactly one.
+    emu, client = emulator_client
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda n: client.post(PATH, json=body(seed=n)).status_code, range(8)))
+    assert sorted(codes) == [200] + [401] * 7
+    assert emu.stats()["accepted_creates"] == 1
 
 
 def raw_chunks(client: httpx.Client, method: str, url: str, **options) -> tuple[int, list[bytes]]:

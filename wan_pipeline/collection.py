@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from wan_pipeline import __version__
-from wan_pipeline.api import ApiError, AsyncAimlApiClient, DownloadExpired, max_video_bytes
+from wan_pipeline.api import ApiError, AsyncAimlApiClient, DownloadExpired
 from wan_pipeline.catalog import CatalogRequest
 from wan_pipeline.ledger import Ledger, LedgerRow, State, StoredVideo, VideoSource
 from wan_pipeline.media import MediaDecodeError, matches_request, probe_video
@@ -65,10 +65,6 @@ class CollectReport:
 
 def expects_audio(request: CatalogRequest) -> bool:
     return bool(request.request.audio_url) or request.request.generate_audio
-
-
-def max_video_bytes_for(request: CatalogRequest) -> int:
-    return max_video_bytes(request.request.resolution, request.request.duration)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -207,7 +203,9 @@ async def _collect_one(
         return
     staged = store.staging_path(prompt_set, key)
     try:
-        size, sha = await _download_fresh(ledger, client, row, staged, report, max_video_bytes_for(request))
+        size, sha = await _download_fresh(
+            ledger, client, row, staged, report, client.config.max_video_bytes_for(request.request)
+        )
         probe = await asyncio.to_thread(_probe_dict, staged)
         final = await asyncio.to_thread(store.promote, staged, prompt_set, key)
     except (ApiError, MediaDecodeError, OSError) as exc:

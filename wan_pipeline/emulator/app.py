@@ -35,7 +35,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wan_pipeline import __version__
-from wan_pipeline.emulator.state import DownloadRefused, EmulatorState, UnknownGeneration, credits_for
+from wan_pipeline.emulator.state import CreateRefused, DownloadRefused, EmulatorState, UnknownGeneration
 from wan_pipeline.emulator.validation import BodyInvalid, parse_create_body, required_issue
 from wan_pipeline.models import usd_from_credits
 
@@ -280,9 +280,11 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
             return provider_error(400, "Body validation error!", request, headers, errors=exc.issues)
         if fault in SERVER_ERRORS:
             return provider_error(int(fault), SERVER_ERRORS[fault], request, headers)
-        if not state.can_afford(credits_for(parsed.resolution, parsed.duration)):
-            return provider_error(403, OUT_OF_CREDITS, request, headers)
-        generation = state.accept_create(parsed, _client_request_id(request), dropped=fault == "drop")
+        try:
+            generation = state.accept_create(parsed, _client_request_id(request), dropped=fault == "drop")
+        except CreateRefused as refused:
+            message = UNAUTHORIZED if refused.status == 401 else OUT_OF_CREDITS
+            return provider_error(refused.status, message, request, headers)
         if fault == "drop":
             # Counted here: no response will start, and the client must find it counted once cut off.
             state.count_request(f"POST {GENERATIONS_PATH}", "dropped")

@@ -44,6 +44,14 @@ def new_generation_id() -> str:
     return "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LENGTH))
 
 
+class CreateRefused(Exception):
+    """The account refuses the create (its HTTP status: 401 revoked key, 403 out of credits)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
 class UnknownGeneration(LookupError):
     pass
 
@@ -163,21 +171,31 @@ class EmulatorState:
 
     # -- generations -----------------------------------------------------------------------------
 
-    def can_afford(self, credits: int) -> bool:
-        """Whether the account's credit limit (if any) covers one more create of this price."""
-        limit = self.faults.credit_limit
-        if limit is None:
-            return True
-        with self._lock:
+    def _refusal(self, credits: int) -> int | None:
+        """401 once the key is revoked, 403 when the credit limit does not cover this create (lock held)."""
+        limit = self.faults.auth_fail_after_creates
+        if limit is not None and len(self._generations) >= limit:
+            return 401
+        if self.faults.credit_limit is not None:
             spent = sum(g.credits_used for g in self._generations.values())
-        return spent + credits <= limit
+            if spent + credits > self.faults.credit_limit:
+                return 403
+        return None
 
     def accept_create(
         self, request: CreateRequest, client_request_id: str | None, *, dropped: bool
     ) -> Generation:
-        """Create a generation (credits charged) and start its encode unless it is fated to fail."""
+        """Create a generation (credits charged) and start its encode unless it is fated to fail.
+
+        The account's checks (revoked key, credit limit) are made under the same lock as the create,
+        so concurrent creates cannot all pass them before any is counted. Raises `CreateRefused`.
+        """
         now = time.time()
+        credits = credits_for(request.resolution, request.duration)
         with self._lock:
+            refusal = self._refusal(credits)
+            if refusal is not None:
+                raise CreateRefused(refusal)
             fails = self._rng["outcomes"].random() < self.faults.error_rate
             jitter = self.config.latency_jitter_s
             latency = max(0.0, self.config.latency_s + self._rng["jitter"].uniform(-jitter, jitter))
@@ -192,7 +210,7 @@ class EmulatorState:
                 generating_at=now + latency * self.config.queued_fraction,
                 completes_at=now + latency,
                 fails=fails,
-                credits_used=credits_for(request.resolution, request.duration),
+                credits_used=credits,
                 client_request_id=client_request_id,
                 response_dropped=dropped,
             )
