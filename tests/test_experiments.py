@@ -213,3 +213,37 @@ def test_reproduce_refuses_a_changed_image_naming_the_file(workdir, emulator) ->
     assert f"{image.resolve()}: the source image changed since" in result.stderr
     assert "nothing was bought" in result.stderr
     assert emulator.stats()["accepted_creates"] == bought
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dagster: the collect run measures quality, checks it (warning only) and writes the table and sheets
+
+
+def test_the_collect_run_records_quality_and_writes_the_table_and_a_comparison_sheet(
+    tmp_path, emulator, monkeypatch
+) -> None:
+    import dagster as dg
+    from pipeline_support import TWO_SEEDS, make_project
+    from test_pipeline import materialization, run_sensor_path
+
+    with dg.instance_for_test() as instance:
+        project = make_project(tmp_path, emulator, monkeypatch, instance)
+        project.write_set("launch.yaml", TWO_SEEDS)
+        collected = run_sensor_path(project)
+        assert collected.success
+        out = project.root / "outputs" / "launch"
+        for sidecar in out.glob("*.json"):
+            quality = json.loads(sidecar.read_text())["quality"]
+            assert quality["passed"] is True, quality  # the emulator pans across the image, with a tone
+            assert quality["first_frame_ssim"] > 0.45 and quality["motion"] > 0.5
+            assert quality["thresholds"]["min_motion"] == 0.5
+        videos = materialization(collected, "downloaded_videos")
+        assert videos["quality_failing"] == 0 and "quality_summary" in videos
+        table = materialization(collected, "experiment_table")
+        assert table["dagster/row_count"] == 2 and table["comparison_sheets"] == 1
+        assert "comparison_sheet" in table and "seed" in table["best_seed_per_prompt"]
+        frame = pd.read_parquet(out / "experiment.parquet")
+        assert set(frame["seed"]) == {1, 2} and frame["quality_passed"].all() and (frame["usd_spent"] > 0).all()
+        assert next(out.glob("comparison_*_p1.png")).read_bytes().startswith(b"\x89PNG")
+        (check,) = [e for e in collected.get_asset_check_evaluations() if e.check_name == "videos_pass_quality_checks"]
+        assert check.passed and check.metadata["videos_measured"].value == 2

@@ -203,7 +203,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             print("Nothing was bought: add --yes to buy these reproductions.")
             return 1
         from wan_pipeline.api import AimlApiClient, ClientConfig
-
         from wan_pipeline.settings import env_number
 
         run_id = f"reproduce-{uuid.uuid4().hex[:12]}"
