@@ -245,5 +245,9 @@ def test_the_collect_run_records_quality_and_writes_the_table_and_a_comparison_s
         frame = pd.read_parquet(out / "experiment.parquet")
         assert set(frame["seed"]) == {1, 2} and frame["quality_passed"].all() and (frame["usd_spent"] > 0).all()
         assert next(out.glob("comparison_*_p1.png")).read_bytes().startswith(b"\x89PNG")
+        # The README's one-liner: the best seed per prompt.
+        df = frame
+        best = df[df.quality_passed.fillna(False)].sort_values("first_frame_ssim").groupby(["image_ref", "prompt"]).tail(1)[["prompt", "seed", "first_frame_ssim", "motion"]]  # noqa: E501
+        assert len(best) == 1 and best["seed"].iloc[0] in {1, 2}
         (check,) = [e for e in collected.get_asset_check_evaluations() if e.check_name == "videos_pass_quality_checks"]
         assert check.passed and check.metadata["videos_measured"].value == 2
