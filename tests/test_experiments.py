@@ -251,3 +251,21 @@ def test_the_collect_run_records_quality_and_writes_the_table_and_a_comparison_s
         assert len(best) == 1 and best["seed"].iloc[0] in {1, 2}
         (check,) = [e for e in collected.get_asset_check_evaluations() if e.check_name == "videos_pass_quality_checks"]
         assert check.passed and check.metadata["videos_measured"].value == 2
+
+
+def test_a_reproduction_bought_but_not_stored_is_resumed_not_bought_again(workdir, emulator) -> None:  # noqa: F811
+    cwd, env = workdir
+    assert wan_pipeline(cwd, env, "run", "--deadline", "120").returncode == 0
+    key = json.loads(next((cwd / "data/outputs/launch").glob("*.json")).read_text())["request_key"]
+    bought = emulator.stats()["accepted_creates"]
+    cut_short = wan_pipeline(cwd, env, "reproduce", key, "--yes", "--deadline", "0.01")
+    assert cut_short.returncode == 1 and "bought, not stored yet (rerun to resume)" in cut_short.stdout
+    assert emulator.stats()["accepted_creates"] == bought + 1
+
+    preview = wan_pipeline(cwd, env, "reproduce", key)
+    assert "attempt 2 already bought" in preview.stdout and "est. $0.0000" in preview.stdout
+    resumed = wan_pipeline(cwd, env, "reproduce", key, "--yes", "--deadline", "60")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert emulator.stats()["accepted_creates"] == bought + 1  # re-attached by its generation id
+    assert (cwd / f"data/outputs/launch/reproductions/{key}.attempt2.mp4").exists()
+    assert "identical" in resumed.stdout

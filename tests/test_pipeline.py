@@ -91,7 +91,7 @@ def test_a_set_goes_from_catalog_to_verified_videos_through_the_sensor(project: 
     assert collected.success
     assert project.accepted_creates() == 2
     checks = {c.check_name: c.passed for c in collected.get_asset_check_evaluations()}
-    assert checks == {"videos_match_requests": True, "no_failed_generations": True}
+    assert checks == {"videos_match_requests": True, "no_failed_generations": True, "videos_pass_quality_checks": True}
     out = project.root / "outputs" / SET
     videos = sorted(out.glob("*.mp4"))
     assert len(videos) == 2

@@ -195,7 +195,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         except ReproductionRefused as exc:
             print(f"wan-pipeline: {exc}", file=sys.stderr)
             return 2
-        estimate = sum(plan.request.estimated_usd for plan in plans)
+        estimate = sum(plan.estimated_usd for plan in plans)
         for plan in plans:
             print(f"reproduce {plan.describe()}")
         print(f"total: {len(plans)} reproduction(s), est. ${estimate:.4f} (each a new purchase of the same request)")

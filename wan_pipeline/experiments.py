@@ -385,13 +385,24 @@ class ReproductionPlan:
     request: CatalogRequest  # rebuilt from the sidecar; its key is the original's
     original_path: str
     original_sha256: str
-    attempt: int  # the attempt number the reproduction will be sent as
+    attempt: int  # the attempt number the reproduction will be sent as (or was bought as, when resumed)
+    # A reproduction bought earlier whose video was never stored (the command died, or its wait timed
+    # out): it is re-attached by its generation id, never bought again.
+    resume_generation_id: str | None = None
+
+    @property
+    def estimated_usd(self) -> float:
+        return 0.0 if self.resume_generation_id else self.request.estimated_usd
 
     def describe(self) -> str:
         video = self.request.request
+        what = (
+            f"attempt {self.attempt} already bought (generation {self.resume_generation_id}), its video not stored "
+            "yet: resumed, $0" if self.resume_generation_id else f"attempt {self.attempt}, est. ${self.estimated_usd:.4f}"
+        )
         return (
             f"{self.prompt_set}/{self.request.request_key}: seed {video.seed}, {video.resolution} {video.duration}s"
-            f"{' with audio' if video.generate_audio else ''}, attempt {self.attempt}, est. ${self.request.estimated_usd:.4f}"
+            f"{' with audio' if video.generate_audio else ''}, {what}"
         )
 
 
@@ -488,8 +499,38 @@ def plan_reproductions(
         )
         if row.request_json and row.request_json != sidecar["request"]:
             raise ReproductionRefused(f"{key}: the ledger and the sidecar disagree on the request; nothing was bought")
-        plans.append(ReproductionPlan(video.prompt_set, request, video.path, video.sha256, row.attempts + 1))
+        plan = ReproductionPlan(video.prompt_set, request, video.path, video.sha256, row.attempts + 1)
+        latest = max(ledger.attempts(request_keys=[key]), key=lambda a: a.attempt)
+        if latest.reason == AttemptReason.REPRODUCTION and latest.attempt == row.attempts:
+            plan = _after_earlier_reproduction(store, plan, latest)
+        plans.append(plan)
     return plans
+
+
+PROVIDER_FAILED = "failed at the provider"
+
+
+def _after_earlier_reproduction(store: VideoStore, plan: ReproductionPlan, latest: AttemptRow) -> ReproductionPlan:
+    """The plan given the key's latest attempt, an earlier reproduction: resume one that was bought and
+    not stored; refuse while one is open or in doubt (it may be paid for); else buy the next."""
+    key = plan.request.request_key
+    if latest.outcome is None:
+        raise ReproductionRefused(
+            f"{key}: reproduction attempt {latest.attempt} is still being created (claimed "
+            f"{latest.claimed_at.isoformat(timespec='seconds')}); nothing was bought"
+        )
+    if latest.outcome == AttemptOutcome.IN_DOUBT:
+        raise ReproductionRefused(
+            f"{key}: reproduction attempt {latest.attempt} is in doubt (sent, answer lost; client request id "
+            f"{latest.client_request_id}): it may be bought already; ask the provider before buying it again"
+        )
+    resumable = latest.outcome == AttemptOutcome.CREATED and latest.generation_id and not (
+        latest.error or ""
+    ).startswith(PROVIDER_FAILED)
+    earlier = replace(plan, attempt=latest.attempt)
+    if resumable and not reproduction_path(store, earlier).exists():
+        return replace(earlier, resume_generation_id=latest.generation_id)
+    return plan
 
 
 def reproduction_path(store: VideoStore, plan: ReproductionPlan) -> Any:
@@ -508,8 +549,7 @@ def reproduce(
 ) -> ReproductionResult:
     """Buy `plan` again (write-ahead per try, as a new attempt with reason `reproduction`), wait for it,
     store it under `reproductions/` with a sidecar, and measure how close it is to the original."""
-    from wan_pipeline.api import RequestRejected, max_video_bytes
-    from wan_pipeline.collection import expects_audio, measure_quality
+    from wan_pipeline.api import RequestRejected
 
     request, key, attempt = plan.request, plan.request.request_key, plan.attempt
     claim = AttemptClaim(plan.prompt_set, AttemptReason.REPRODUCTION, run_id)
@@ -525,6 +565,10 @@ def reproduce(
                 key, attempt, event.try_number, TryAnswer(event.created, event.status_code, printable(event.detail))
             )
 
+    if plan.resume_generation_id is not None:
+        result.generation_id = plan.resume_generation_id
+        return _finish_reproduction(ledger, client, store, plan, result, plan.resume_generation_id, None,
+                                    deadline_s=deadline_s, thresholds=thresholds)
     roots = allowed_roots_for(Path(request.source_file))
     try:
         generation = client.submit(
@@ -551,10 +595,40 @@ def reproduce(
                   credits_used=generation.credits_used, usd_spent=generation.usd_spent),
     )
     result.generation_id, result.usd_spent = generation.id, generation.usd_spent
+    cost = {"credits_used": generation.credits_used, "usd_spent": generation.usd_spent}
+    return _finish_reproduction(ledger, client, store, plan, result, generation.id, cost,
+                                deadline_s=deadline_s, thresholds=thresholds)
+
+
+def _finish_reproduction(
+    ledger: Ledger,
+    client: Any,
+    store: VideoStore,
+    plan: ReproductionPlan,
+    result: ReproductionResult,
+    generation_id: str,
+    cost: dict[str, Any] | None,
+    *,
+    deadline_s: float,
+    thresholds: QualityThresholds | None,
+) -> ReproductionResult:
+    """Wait for a bought reproduction, store it beside the set's videos, measure it against the original."""
+    from wan_pipeline.api import max_video_bytes
+    from wan_pipeline.collection import expects_audio, measure_quality
+
+    request, key, attempt = plan.request, plan.request.request_key, plan.attempt
     try:
-        final = client.wait(generation.id, deadline_s=deadline_s)
-        if final.status != "completed" or not final.video_url:
-            raise RuntimeError(f"generation {generation.id} ended {final.raw_status}: {printable(final.error or '')}")
+        final = client.wait(generation_id, deadline_s=deadline_s)
+    except Exception as exc:
+        result.error = printable(f"bought, not stored yet (rerun to resume): {type(exc).__name__}: {exc}", 500)
+        ledger.note_attempt_error(key, attempt, result.error)
+        return result
+    if final.status != "completed" or not final.video_url:
+        result.error = printable(f"{PROVIDER_FAILED}: generation {generation_id} ended {final.raw_status}: "
+                                 f"{final.error or ''}", 500)
+        ledger.note_attempt_error(key, attempt, result.error)
+        return result
+    try:
         destination = reproduction_path(store, plan)
         destination.parent.mkdir(parents=True, exist_ok=True)
         staged = temporary_path(destination)
@@ -564,7 +638,7 @@ def reproduce(
         probe = probe_video(staged).to_dict()
         staged.rename(destination)
     except Exception as exc:
-        result.error = printable(f"bought, not stored: {type(exc).__name__}: {exc}", 500)
+        result.error = printable(f"bought, not stored yet (rerun to resume): {type(exc).__name__}: {exc}", 500)
         ledger.note_attempt_error(key, attempt, result.error)
         return result
     result.path = str(destination)
@@ -573,10 +647,9 @@ def reproduce(
     sidecar = {
         "reproduction_of": {"request_key": key, "prompt_set": plan.prompt_set, "video": plan.original_path,
                             "sha256": plan.original_sha256},
-        "attempt": attempt, "reason": str(AttemptReason.REPRODUCTION), "generation_id": generation.id,
+        "attempt": attempt, "reason": str(AttemptReason.REPRODUCTION), "generation_id": generation_id,
         "api": {"scope": ledger.scope}, "request": request.provenance_request(), "seed": request.request.seed,
-        "cost": {"credits_used": generation.credits_used, "usd_spent": generation.usd_spent,
-                 "estimated_usd": request.estimated_usd},
+        "cost": {**(cost or {"resumed": True}), "estimated_usd": request.estimated_usd},
         "stored_at": datetime.now(UTC).isoformat(),
         "video": {"sha256": sha, "bytes": size, **{k: probe[k] for k in ("width", "height", "duration_s", "fps", "codec",
                                                                            "has_audio", "audio_codec")}},
