@@ -108,17 +108,23 @@ def test_the_experiment_table_has_every_request_field_and_reads_back_in_one_line
 # The ledger: a reproduction is a new attempt of a completed key; the row stays completed.
 
 
-def completed_ledger(tmp_path: Path) -> Ledger:
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}", scope="emulator")
-    ledger.plan("s", [PlannedRequest("k" * 32, "alibaba/wan-2-6-i2v", {"prompt": "p"}, 0.5, None)])
-    ledger.try_sending("k" * 32, 1, 1, "wanp-k-1.1", AttemptClaim("s"))
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def completed_ledger(request: pytest.FixtureRequest, tmp_path: Path):
+    """A ledger (SQLite, and PostgreSQL when WAN_PIPELINE_TEST_POSTGRES_URL is set) with one completed key."""
     from datetime import UTC, datetime
 
-    ledger.try_answered("k" * 32, 1, 1, TryAnswer(True, 200, "accepted", "gen-1", "queued", 1e6, 0.5),
-                        next_poll_at=datetime.now(UTC))
-    _complete(ledger, "k" * 32)
-    assert ledger.row("k" * 32).state is State.COMPLETED
-    return ledger
+    from ledger_worker import ledger_target
+
+    with ledger_target(request.param, tmp_path) as target:
+        ledger = target.open()
+        ledger.plan("s", [PlannedRequest("k" * 32, "alibaba/wan-2-6-i2v", {"prompt": "p"}, 0.5, None)])
+        ledger.try_sending("k" * 32, 1, 1, "wanp-k-1.1", AttemptClaim("s"))
+        ledger.try_answered("k" * 32, 1, 1, TryAnswer(True, 200, "accepted", "gen-1", "queued", 1e6, 0.5),
+                            next_poll_at=datetime.now(UTC))
+        _complete(ledger, "k" * 32)
+        assert ledger.row("k" * 32).state is State.COMPLETED
+        yield ledger
+        ledger.close()
 
 
 def _complete(ledger: Ledger, key: str) -> None:
@@ -131,8 +137,8 @@ def _complete(ledger: Ledger, key: str) -> None:
             state=State.COMPLETED.value, generation_id="gen-1", video_url="http://x/v.mp4"))
 
 
-def test_a_reproduction_is_a_new_attempt_and_the_row_stays_completed(tmp_path: Path) -> None:
-    ledger, key = completed_ledger(tmp_path), "k" * 32
+def test_a_reproduction_is_a_new_attempt_and_the_row_stays_completed(completed_ledger: Ledger) -> None:
+    ledger, key = completed_ledger, "k" * 32
     claim = AttemptClaim("s", AttemptReason.REPRODUCTION, "run-r")
     with pytest.raises(ValueError, match="reason 'reproduction'"):
         ledger.reproduction_try_sending(key, 2, 1, "wanp-k-2.1", AttemptClaim("s"))
@@ -154,8 +160,8 @@ def test_a_reproduction_is_a_new_attempt_and_the_row_stays_completed(tmp_path: P
     assert total.purchases == 2 and total.usd_spent == pytest.approx(1.0)
 
 
-def test_a_reproduction_whose_answer_is_lost_is_in_doubt_on_its_attempt_only(tmp_path: Path) -> None:
-    ledger, key = completed_ledger(tmp_path), "k" * 32
+def test_a_reproduction_whose_answer_is_lost_is_in_doubt_on_its_attempt_only(completed_ledger: Ledger) -> None:
+    ledger, key = completed_ledger, "k" * 32
     ledger.reproduction_try_sending(key, 2, 1, "wanp-k-2.1", AttemptClaim("s", AttemptReason.REPRODUCTION))
     ledger.settle_abandoned_attempt(key, 2, "ReadTimeout")
     assert ledger.row(key).state is State.COMPLETED
