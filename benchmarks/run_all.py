@@ -27,6 +27,7 @@ BENCHMARKS = (
     ("bench_sensor.py", 600, 90),
     ("bench_download.py", 300, 90),
     ("bench_catalog.py", 240, 90),
+    ("bench_quality.py", 240, 60),
 )
 
 

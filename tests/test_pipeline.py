@@ -56,7 +56,9 @@ def run_sensor_path(project: Project, prompt_set: str = SET) -> dg.ExecuteInProc
 def test_definitions_load_with_the_documented_graph(project: Project) -> None:
     graph = project.defs.resolve_asset_graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
-    assert keys == {"generation_requests", "submitted_generations", "generation_results", "downloaded_videos"}
+    assert keys == {
+        "generation_requests", "submitted_generations", "generation_results", "downloaded_videos", "experiment_table",
+    }
     parents = {
         k.to_user_string(): {p.to_user_string() for p in graph.get(k).parent_keys}
         for k in graph.get_all_asset_keys()
@@ -66,10 +68,12 @@ def test_definitions_load_with_the_documented_graph(project: Project) -> None:
         "submitted_generations": {"generation_requests"},
         "generation_results": {"submitted_generations"},
         "downloaded_videos": {"generation_requests", "generation_results"},
+        "experiment_table": {"generation_requests", "downloaded_videos"},
     }
     checks = {(c.asset_key.to_user_string(), c.name) for c in graph.asset_check_keys}
     assert checks == {
         ("downloaded_videos", "videos_match_requests"),
+        ("downloaded_videos", "videos_pass_quality_checks"),
         ("generation_results", "no_failed_generations"),
     }
     for key in graph.get_all_asset_keys():
@@ -87,7 +91,7 @@ def test_a_set_goes_from_catalog_to_verified_videos_through_the_sensor(project: 
     assert collected.success
     assert project.accepted_creates() == 2
     checks = {c.check_name: c.passed for c in collected.get_asset_check_evaluations()}
-    assert checks == {"videos_match_requests": True, "no_failed_generations": True}
+    assert checks == {"videos_match_requests": True, "no_failed_generations": True, "videos_pass_quality_checks": True}
     out = project.root / "outputs" / SET
     videos = sorted(out.glob("*.mp4"))
     assert len(videos) == 2

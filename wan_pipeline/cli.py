@@ -1,4 +1,4 @@
-"""`wan-pipeline`: validate, status, run, demo, dev and the local emulator.
+"""`wan-pipeline`: validate, status, run, reproduce, demo, dev and the local emulator.
 
 Imports are local to each command so that `validate` and `status` start fast and never load Dagster.
 """
@@ -179,6 +179,59 @@ def cmd_dev(args: argparse.Namespace) -> int:
             return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """Rebuild a stored generation's exact request, show its cost, and buy it again only with --yes."""
+    import uuid
+
+    from wan_pipeline.experiments import ReproductionRefused, plan_reproductions, reproduce
+    from wan_pipeline.storage import VideoStore
+
+    with api_environment(latency_s=args.emulator_latency) as description:
+        settings = load_settings()
+        ledger, store = open_ledger(settings), VideoStore(settings.output_root)
+        print(description, flush=True)
+        try:
+            plans = plan_reproductions(ledger, store, args.target, allowed_roots=settings.allowed_roots)
+        except ReproductionRefused as exc:
+            print(f"wan-pipeline: {exc}", file=sys.stderr)
+            return 2
+        estimate = sum(plan.estimated_usd for plan in plans)
+        for plan in plans:
+            print(f"reproduce {plan.describe()}")
+        print(f"total: {len(plans)} reproduction(s), est. ${estimate:.4f} (each a new purchase of the same request)")
+        if not args.yes:
+            print("Nothing was bought: add --yes to buy these reproductions.")
+            return 1
+        from wan_pipeline.api import AimlApiClient, ClientConfig
+        from wan_pipeline.settings import env_number
+
+        run_id = f"reproduce-{uuid.uuid4().hex[:12]}"
+        failures = 0
+        expected = env_number("WAN_PIPELINE_EXPECTED_SECONDS", float, minimum=0)
+        overrides = {} if expected is None else {"expected_seconds": expected}
+        with AimlApiClient(ClientConfig.from_settings(settings, **overrides)) as client:
+            for plan in plans:
+                try:
+                    result = reproduce(ledger, client, store, plan, deadline_s=args.deadline, run_id=run_id)
+                except ReproductionRefused as exc:
+                    print(f"wan-pipeline: {exc}", file=sys.stderr)
+                    failures += 1
+                    continue
+                key = plan.request.request_key
+                if result.error:
+                    failures += 1
+                    print(f"FAILED {plan.prompt_set}/{key} (attempt {plan.attempt}): {result.error}")
+                    continue
+                cost = f"${result.usd_spent:.4f}" if result.usd_spent is not None else "cost not reported"
+                passed = "passes" if (result.quality or {}).get("passed") else "fails"
+                print(f"reproduced {plan.prompt_set}/{key} (attempt {plan.attempt}, generation {result.generation_id}, "
+                      f"{cost}) -> {result.path}; quality {passed}")
+                if result.closeness is not None:
+                    print(f"  closeness to the original: {result.closeness.describe()}")
+        print(f"Ledger run id {run_id}; `wan-pipeline status` counts each reproduction once, as its own purchase.")
+        return 1 if failures else 0
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt_sets", nargs="*", metavar="SET", help="prompt sets to run (default: all)")
     parser.add_argument("--deadline", type=float, default=3600.0, metavar="S", help="give up waiting after S seconds")
@@ -225,6 +278,18 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--port", type=int, default=3000)
     dev.add_argument("--latency", type=float, default=20.0, metavar="S", help="emulator latency")
     dev.set_defaults(func=cmd_dev)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="buy a stored generation (or every one of a set) again and compare it with the original"
+    )
+    reproduce.add_argument("target", metavar="REQUEST_KEY|SET", help="a request key, or a prompt set's name")
+    reproduce.add_argument("--yes", action="store_true", help="really buy (without it: show what and what it costs)")
+    reproduce.add_argument("--deadline", type=float, default=1800.0, metavar="S", help="wait at most S s per video")
+    reproduce.add_argument(
+        "--emulator-latency", type=float, default=None, metavar="S",
+        help="latency of the embedded emulator used when no AIMLAPI_API_KEY / AIMLAPI_BASE_URL is set",
+    )
+    reproduce.set_defaults(func=cmd_reproduce)
 
     ledger = commands.add_parser("ledger", help="the ledger's schema")
     ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)

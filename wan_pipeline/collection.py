@@ -13,17 +13,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from upath import UPath
+
 from wan_pipeline import __version__
 from wan_pipeline.api import ApiError, AsyncAimlApiClient, DownloadExpired
 from wan_pipeline.catalog import CatalogRequest
 from wan_pipeline.ledger import Ledger, LedgerRow, State, StoredVideo, VideoSource
 from wan_pipeline.media import MediaDecodeError, matches_request, probe_video
+from wan_pipeline.quality import QualityThresholds, assess_video
 from wan_pipeline.safe_text import printable
 from wan_pipeline.scopes import api_origin
 from wan_pipeline.storage import VideoStore, file_sha256
@@ -42,6 +46,7 @@ class CollectedVideo:
     size_bytes: int
     probe: dict[str, Any]
     how: Literal["downloaded", "copied", "kept"]  # kept: a verified file was already there
+    quality: dict[str, Any] | None = None  # the sidecar's `quality` (see `wan_pipeline.quality`)
 
     @property
     def downloaded(self) -> bool:
@@ -81,6 +86,7 @@ def build_provenance(
     size_bytes: int,
     probe: dict[str, Any],
     reused_from: dict[str, str] | None = None,
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     processing_s = (
         (row.completed_at - row.submitted_at).total_seconds() if row.completed_at and row.submitted_at else None
@@ -112,11 +118,36 @@ def build_provenance(
         "video": {"sha256": sha256, "bytes": size_bytes, **probe},
         "pipeline": {"package": "wan-pipeline", "version": __version__},
     }
+    if quality is not None:
+        provenance["quality"] = quality
     if reused_from:
         # Bought once, by another set: this set's copy cost nothing.
         provenance["reused_from"] = reused_from
         provenance["cost"] = {**provenance["cost"], "usd_spent_by_this_set": 0.0}
     return provenance
+
+
+def local_source_image(request: CatalogRequest) -> bytes | None:
+    """The bytes of the request's source image when it is a local or fsspec file that still has the
+    sha256 it was bought with; None for an http(s) image (never fetched here) or a changed file."""
+    ref = request.request.image_url
+    if request.image_sha256 is None or ref.startswith(("http://", "https://", "data:")):
+        return None
+    try:
+        data = UPath(ref).read_bytes()
+    except OSError:
+        return None
+    return data if hashlib.sha256(data).hexdigest() == request.image_sha256 else None
+
+
+def measure_quality(request: CatalogRequest, path: Any, thresholds: QualityThresholds) -> dict[str, Any]:
+    """The quality metrics of one stored video, as its sidecar records them (computed once per video)."""
+    try:
+        report = assess_video(path, source_image=local_source_image(request), expect_audio=expects_audio(request),
+                              thresholds=thresholds)
+    except (MediaDecodeError, OSError) as exc:
+        return {"passed": False, "failures": [printable(f"unreadable: {exc}", 300)], "thresholds": thresholds.to_dict()}
+    return {**report.to_dict(), "thresholds": thresholds.to_dict()}
 
 
 def _probe_dict(path: Any) -> dict[str, Any]:
@@ -167,6 +198,7 @@ async def _collect_one(
     row: LedgerRow,
     copies: list[StoredVideo],
     report: CollectReport,
+    thresholds: QualityThresholds,
 ) -> None:
     key, prompt_set = request.request_key, request.prompt_set
     video_path = store.video_path(prompt_set, key)
@@ -174,12 +206,16 @@ async def _collect_one(
     if _sidecar_matches(sidecar, ledger.scope) and await asyncio.to_thread(store.is_verified, prompt_set, key):
         video = sidecar["video"]
         reused = sidecar.get("reused_from") or {}
+        quality = sidecar.get("quality")
+        if quality is None:  # stored before quality was measured: measure it once, now
+            quality = await asyncio.to_thread(measure_quality, request, video_path, thresholds)
+            await asyncio.to_thread(store.write_sidecar, prompt_set, key, {**sidecar, "quality": quality})
         await asyncio.to_thread(
             ledger.record_video, prompt_set, key, path=str(video_path), sha256=video["sha256"],
             size_bytes=video["bytes"], source=VideoSource.COPY if reused else VideoSource.DOWNLOAD,
             copied_from_set=reused.get("prompt_set"),
         )
-        report.videos.append(CollectedVideo(key, str(video_path), video["sha256"], video["bytes"], video, "kept"))
+        report.videos.append(CollectedVideo(key, str(video_path), video["sha256"], video["bytes"], video, "kept", quality))
         return
     for copy in copies:
         if copy.prompt_set == prompt_set:
@@ -189,17 +225,19 @@ async def _collect_one(
             continue  # that copy is gone or changed: try the next, else download
         source = await asyncio.to_thread(store.read_sidecar, copy.prompt_set, key) or {}
         probe = source.get("video") or await asyncio.to_thread(_probe_dict, copied)
+        # The same bytes: the source's metrics hold, unless it asked differently (it cannot: same key).
+        quality = source.get("quality") or await asyncio.to_thread(measure_quality, request, copied, thresholds)
         provenance = build_provenance(
             request, row, ledger.scope, client.config.base_url, sha256=copy.sha256, size_bytes=copy.size_bytes,
             probe={k: v for k, v in probe.items() if k not in ("sha256", "bytes")},
-            reused_from={"prompt_set": copy.prompt_set, "path": copy.path},
+            reused_from={"prompt_set": copy.prompt_set, "path": copy.path}, quality=quality,
         )
         await asyncio.to_thread(store.write_sidecar, prompt_set, key, provenance)
         await asyncio.to_thread(
             ledger.record_video, prompt_set, key, path=str(copied), sha256=copy.sha256, size_bytes=copy.size_bytes,
             source=VideoSource.COPY, copied_from_set=copy.prompt_set,
         )
-        report.videos.append(CollectedVideo(key, str(copied), copy.sha256, copy.size_bytes, probe, "copied"))
+        report.videos.append(CollectedVideo(key, str(copied), copy.sha256, copy.size_bytes, probe, "copied", quality))
         return
     staged = store.staging_path(prompt_set, key)
     try:
@@ -207,6 +245,7 @@ async def _collect_one(
             ledger, client, row, staged, report, client.config.max_video_bytes_for(request.request)
         )
         probe = await asyncio.to_thread(_probe_dict, staged)
+        quality = await asyncio.to_thread(measure_quality, request, staged, thresholds)
         final = await asyncio.to_thread(store.promote, staged, prompt_set, key)
     except (ApiError, MediaDecodeError, OSError) as exc:
         # Whatever failed the size, hash or probe check never stays under the video's final name.
@@ -217,10 +256,12 @@ async def _collect_one(
         await asyncio.to_thread(ledger.note_collection_problem, key, f"not stored: {why}")
         report.failures.append((key, why))
         return
-    provenance = build_provenance(request, row, ledger.scope, client.config.base_url, sha256=sha, size_bytes=size, probe=probe)
+    provenance = build_provenance(
+        request, row, ledger.scope, client.config.base_url, sha256=sha, size_bytes=size, probe=probe, quality=quality
+    )
     await asyncio.to_thread(store.write_sidecar, prompt_set, key, provenance)
     await asyncio.to_thread(ledger.record_video, prompt_set, key, path=str(final), sha256=sha, size_bytes=size)
-    report.videos.append(CollectedVideo(key, str(final), sha, size, probe, "downloaded"))
+    report.videos.append(CollectedVideo(key, str(final), sha, size, probe, "downloaded", quality))
 
 
 def collect_videos(
@@ -228,9 +269,14 @@ def collect_videos(
     client_factory: Callable[[], AsyncAimlApiClient],
     store: VideoStore,
     requests: Sequence[CatalogRequest],
+    *,
+    thresholds: QualityThresholds | None = None,
 ) -> CollectReport:
     """Store every completed generation of `requests` in their set's folder: keep a verified file,
-    copy one another set already stored (no call to the provider), or download it."""
+    copy one another set already stored (no call to the provider), or download it. Each stored
+    video's quality metrics are measured once and kept in its sidecar (thresholds: from the
+    environment unless given)."""
+    thresholds = thresholds or QualityThresholds.from_env()
     rows = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in requests)}
     todo = [(r, rows[r.request_key]) for r in requests if r.request_key in rows and rows[r.request_key].state == State.COMPLETED]
     report = CollectReport()
@@ -246,7 +292,9 @@ def collect_videos(
 
             async def collect_one(request: CatalogRequest, row: LedgerRow) -> None:
                 async with slots:
-                    await _collect_one(ledger, client, store, request, row, copies.get(request.request_key, []), report)
+                    await _collect_one(
+                        ledger, client, store, request, row, copies.get(request.request_key, []), report, thresholds
+                    )
 
             await asyncio.gather(*(collect_one(r, row) for r, row in todo))
 

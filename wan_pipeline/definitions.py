@@ -11,8 +11,10 @@ from wan_pipeline.defs.assets import (
     submitted_generations,
 )
 from wan_pipeline.defs.checks import no_failed_generations, videos_match_requests
+from wan_pipeline.defs.experiments import experiment_table
 from wan_pipeline.defs.io import ParquetIOManager
 from wan_pipeline.defs.jobs import collect_job, submit_job
+from wan_pipeline.defs.quality_checks import videos_pass_quality_checks
 from wan_pipeline.defs.resources import AimlApiResource, CatalogResource, LedgerResource, VideoStoreResource
 from wan_pipeline.defs.schedules import production_schedule
 from wan_pipeline.defs.sensors import generation_completion_sensor, prompt_set_sensor
@@ -22,8 +24,8 @@ from wan_pipeline.settings import Settings, env_number, load_settings
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or load_settings()
     return dg.Definitions(
-        assets=[generation_requests, submitted_generations, generation_results, downloaded_videos],
-        asset_checks=[videos_match_requests, no_failed_generations],
+        assets=[generation_requests, submitted_generations, generation_results, downloaded_videos, experiment_table],
+        asset_checks=[videos_match_requests, no_failed_generations, videos_pass_quality_checks],
         jobs=[submit_job, collect_job],
         sensors=[prompt_set_sensor, generation_completion_sensor],
         schedules=[production_schedule],

@@ -290,6 +290,10 @@ def downloaded_videos(
             "duration_s": [v.probe.get("duration_s") for v in report.videos],
             "has_audio": [v.probe.get("has_audio") for v in report.videos],
             "stored_how": [v.how for v in report.videos],
+            # Measured once per stored video (wan_pipeline.quality), as its sidecar records them.
+            "quality_passed": [(v.quality or {}).get("passed") for v in report.videos],
+            "first_frame_ssim": [(v.quality or {}).get("first_frame_ssim") for v in report.videos],
+            "motion": [(v.quality or {}).get("motion") for v in report.videos],
         }
     )
     metadata: dict = {
@@ -303,8 +307,12 @@ def downloaded_videos(
         "seconds_of_video": float(frame["duration_s"].sum()) if len(frame) else 0.0,
         "output_folder": dg.MetadataValue.path(str(store.set_dir(context.partition_key))),
         "dagster/row_count": len(frame),
+        "quality_failing": sum((v.quality or {}).get("passed") is False for v in report.videos),
     }
     if report.videos:
+        metadata["quality_summary"] = dg.MetadataValue.md(
+            frame[["request_key", "quality_passed", "first_frame_ssim", "motion"]].head(PREVIEW_ROWS).to_markdown(index=False)
+        )
         shown = report.videos[:CONTACT_SHEET_VIDEOS]
         sheet = contact_sheet(
             [

@@ -11,6 +11,7 @@ submit_job = dg.define_asset_job(
 # ... and what only collects what was bought (the completion sensor targets this).
 collect_job = dg.define_asset_job(
     "collect_prompt_set",
-    selection=dg.AssetSelection.assets(generation_results, downloaded_videos),
+    # The experiment table reads only the ledger and the sidecars: no API call, so it rides along.
+    selection=dg.AssetSelection.assets(generation_results, downloaded_videos, "experiment_table"),
     description="Record final results and download finished videos (runs the asset checks).",
 )

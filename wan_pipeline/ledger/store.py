@@ -616,6 +616,97 @@ class Ledger:
                 sa.update(generations).where(*mine).values(state=target.value, error=error, updated_at=now, **extra)
             )
 
+    # -- reproductions: a completed request bought again, its video and row left as they are ------
+
+    def reproduction_try_sending(
+        self, request_key: str, attempt: int, try_number: int, client_request_id: str, claim: AttemptClaim
+    ) -> None:
+        """Write-ahead for one HTTP try of a reproduction: a new attempt of a completed request.
+
+        The row stays completed (its generation id, video and cost are the original's); only its
+        attempt counter moves, in a conditional UPDATE (`completed` and at `attempt - 1`), so two
+        processes never send the same reproduction. A later try needs this process's attempt still
+        open. Anything else raises `ClaimLost`: do not send.
+        """
+        if AttemptReason(claim.reason) is not AttemptReason.REPRODUCTION:
+            raise ValueError("a reproduction attempt is recorded with reason 'reproduction'")
+        now, owner = self._clock(), self.owner
+        with self._writing() as conn:
+            if try_number == 1:
+                claimed = conn.execute(
+                    sa.update(generations)
+                    .where(
+                        self._key(generations, request_key),
+                        generations.c.state == State.COMPLETED.value,
+                        generations.c.attempts == attempt - 1,
+                    )
+                    .values(attempts=attempt, updated_at=now)
+                ).rowcount
+                if claimed == 1:
+                    estimate = conn.execute(
+                        sa.select(generations.c.estimated_usd).where(self._key(generations, request_key))
+                    ).scalar_one()
+                    conn.execute(
+                        attempts.insert().values(
+                            api_scope=self.scope, request_key=request_key, attempt=attempt,
+                            prompt_set=claim.prompt_set, reason=AttemptReason.REPRODUCTION.value,
+                            run_id=claim.run_id, claim_owner=owner, claimed_at=now, estimated_usd=estimate,
+                        )
+                    )
+            else:
+                claimed = conn.execute(
+                    sa.select(sa.func.count()).select_from(attempts).where(
+                        self._key(attempts, request_key), attempts.c.attempt == attempt,
+                        attempts.c.claim_owner == owner, attempts.c.outcome.is_(None),
+                    )
+                ).scalar_one()
+            if claimed != 1:
+                row = self._require_row(conn, request_key)
+                raise ClaimLost(
+                    f"request {request_key} is {row.state} at attempt {row.attempts}: not sending reproduction "
+                    f"attempt {attempt} try {try_number} (only a completed request is reproduced, one at a time)"
+                )
+            conn.execute(
+                create_tries.insert().values(
+                    api_scope=self.scope, request_key=request_key, attempt=attempt, try_number=try_number,
+                    client_request_id=client_request_id, sent_at=now,
+                )
+            )
+            conn.execute(
+                attempts.update()
+                .where(self._key(attempts, request_key), attempts.c.attempt == attempt)
+                .values(client_request_id=client_request_id)
+            )
+
+    def reproduction_try_answered(self, request_key: str, attempt: int, try_number: int, answer: TryAnswer) -> None:
+        """Record a reproduction try's answer: accepted closes the attempt as created (its id and cost
+        on the attempt row: spend is summed from there); may have been created closes it in doubt;
+        surely not leaves it open for the next try (or `finish_attempt`). The row is never touched."""
+        now = self._clock()
+        with self._writing() as conn:
+            self._record_try_answer(conn, request_key, attempt, try_number, answer, now)
+            if answer.created is True:
+                self._close_attempt(
+                    conn, request_key, attempt, AttemptOutcome.CREATED, now,
+                    generation_id=answer.generation_id, replace_in_doubt=True,
+                    **_cost(answer.credits_used, answer.usd_spent),
+                )
+            elif answer.created is None:
+                self._close_attempt(
+                    conn, request_key, attempt, AttemptOutcome.IN_DOUBT, now,
+                    error=f"create outcome unknown: {answer.detail}",
+                )
+
+    def note_attempt_error(self, request_key: str, attempt: int, error: str) -> None:
+        """What became of a created attempt the row does not follow (a reproduction that failed at the
+        provider, or whose video could not be stored): said on the attempt row."""
+        with self._writing() as conn:
+            conn.execute(
+                attempts.update()
+                .where(self._key(attempts, request_key), attempts.c.attempt == attempt)
+                .values(error=error)
+            )
+
     def note_not_sent(self, request_key: str, error: str) -> None:
         """A planned request that could not be sent at all (its image changed, say): say why on the row."""
         with self._writing() as conn:
@@ -632,11 +723,18 @@ class Ledger:
         with self._writing() as conn:
             row = self._require_row(conn, request_key)
             if row.state != State.SUBMITTING.value or row.claim_owner != self.owner or row.attempts != attempt:
+                # Not the row's claim (released, or a reproduction, which never claims the row): the
+                # attempt alone is settled, in doubt if one of its tries was sent and never answered.
+                outcome = AttemptOutcome.IN_DOUBT if self._unanswered_try(conn, request_key, attempt) else AttemptOutcome.NOT_ACCEPTED
                 conn.execute(
                     attempts.update()
-                    .where(self._key(attempts, request_key), attempts.c.attempt == attempt, attempts.c.outcome.is_(None),
-                           attempts.c.claim_owner == self.owner)
-                    .values(outcome=AttemptOutcome.NOT_ACCEPTED.value, finished_at=now, error=reason)
+                    .where(
+                        self._key(attempts, request_key),
+                        attempts.c.attempt == attempt,
+                        attempts.c.outcome.is_(None),
+                        attempts.c.claim_owner == self.owner,
+                    )
+                    .values(outcome=outcome.value, finished_at=now, error=reason)
                 )
                 return None
             return self._settle(conn, row, reason, now)
@@ -684,6 +782,15 @@ class Ledger:
         conn.execute(sa.update(generations).where(*guard).values(state=State.PLANNED.value, error=error, updated_at=now))
         self._close_attempt(conn, key, attempt, AttemptOutcome.NOT_ACCEPTED, now, error=error)
         return State.PLANNED
+
+    def _unanswered_try(self, conn: Connection, request_key: str, attempt: int) -> bool:
+        """Was a try of this attempt sent and never answered (or answered 'may have been created')?"""
+        return conn.execute(
+            sa.select(sa.func.count()).select_from(create_tries).where(
+                self._key(create_tries, request_key), create_tries.c.attempt == attempt,
+                sa.or_(create_tries.c.answered_at.is_(None), create_tries.c.created.is_(None)),
+            )
+        ).scalar_one() > 0
 
     def _close_attempt(
         self,
@@ -748,6 +855,12 @@ class Ledger:
             claimed_now = {(r.request_key, r.attempts) for r in claims}
             for key, attempt, owner in dangling:
                 if (key, attempt) not in claimed_now and _owner_process_gone(owner, self._hostname):
+                    if self._unanswered_try(conn, key, attempt):  # a reproduction killed mid-create
+                        self._close_attempt(
+                            conn, key, attempt, AttemptOutcome.IN_DOUBT, now,
+                            error=f"create outcome unknown: process {owner} died after sending a try",
+                        )
+                        continue
                     self._close_attempt(
                         conn, key, attempt, AttemptOutcome.NOT_ACCEPTED, now,
                         error=f"process {owner} died between tries; every try sent was answered 'not created'",

@@ -1,0 +1,364 @@
+"""Quality checks on a generated video: pure functions over PyAV, numpy and Pillow (no models).
+
+What a wasted generation looks like, measured cheaply on small grey frames:
+
+- **first-frame fidelity**: Wan i2v promises that the source image is the first frame. The first
+  frame and the image (cover-fitted to the video's aspect) are shrunk to `FIDELITY_LONG_SIDE` px and
+  compared with a structural similarity (SSIM, 7x7 windows) and a PSNR;
+- **motion**: the mean absolute grey-level difference (0-255) between consecutive sampled frames; a
+  frozen video scores ~0;
+- **black or blank stretches**: sampled frames that are dark (mean level below `black_level`) or
+  flat (standard deviation below `flat_std`), as the longest run in seconds;
+- **audio**: present and not silent (RMS over the whole track, dBFS) when audio was asked for,
+  absent when it was not.
+
+Sampling keeps the cost per video small beside its download: only keyframe packets are decoded
+(real outputs and the emulator's have a keyframe every second), at most one every
+`MIN_SAMPLE_INTERVAL_S`; a file with too few keyframes is decoded in full and sampled evenly.
+
+Every threshold is a field of `QualityThresholds`, overridable through `WAN_PIPELINE_QUALITY_*`
+environment variables (see `QualityThresholds.from_env`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import av
+import av.error
+import numpy as np
+from PIL import Image, ImageOps
+from upath import UPath
+
+from wan_pipeline.media import MediaDecodeError, VideoPath
+
+ANALYSIS_LONG_SIDE = 96  # px: sampled frames are compared at this size (noise vanishes)
+FIDELITY_LONG_SIDE = 32  # px: the first frame against the image (a few % of crop or zoom vanish too)
+MIN_SAMPLE_INTERVAL_S = 0.5  # at most two sampled frames per second
+MIN_KEYFRAME_SAMPLES = 3  # fewer keyframes than this over a video longer than 1.5 s: decode every frame
+FALLBACK_SAMPLES_PER_S = 2.0
+SSIM_WINDOW = 7
+SILENCE_FLOOR_DBFS = -120.0  # what an all-zero track measures
+
+ENV_PREFIX = "WAN_PIPELINE_QUALITY_"
+
+
+@dataclass(frozen=True)
+class QualityThresholds:
+    """When a video fails a check. Environment: `WAN_PIPELINE_QUALITY_<FIELD>` (upper case)."""
+
+    min_first_frame_ssim: float = 0.45  # SSIM of the first frame against the source image (-1..1)
+    min_motion: float = 0.5  # mean abs grey difference between sampled frames (0..255)
+    black_level: float = 20.0  # a frame darker than this on average (0..255) is black
+    flat_std: float = 3.0  # a frame whose grey levels vary less than this is blank
+    max_blank_s: float = 1.0  # longest tolerated black/blank stretch, seconds
+    min_audio_dbfs: float = -50.0  # a requested track quieter than this (RMS) is silent
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> QualityThresholds:
+        env = os.environ if environ is None else environ
+        values: dict[str, float] = {}
+        for item in fields(cls):
+            name = ENV_PREFIX + item.name.upper()
+            raw = env.get(name)
+            if raw:
+                try:
+                    values[item.name] = float(raw)
+                except ValueError:
+                    raise ValueError(f"{name}={raw!r} is not a number") from None
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SampledVideo:
+    """Small grey frames taken from a video, with their times, and its audio loudness."""
+
+    times: list[float]
+    frames: list[np.ndarray]  # float32, values 0..255, all the same shape
+    duration_s: float
+    keyframes_only: bool
+    has_audio: bool
+    audio_rms_dbfs: float | None  # None: no audio track
+
+
+@dataclass(frozen=True)
+class QualityReport:
+    first_frame_ssim: float | None  # None: no local source image to compare with
+    first_frame_psnr_db: float | None
+    motion: float | None  # None: fewer than two sampled frames
+    longest_blank_s: float
+    blank_fraction: float
+    has_audio: bool
+    audio_rms_dbfs: float | None
+    samples: int
+    failures: list[str] = field(default_factory=list)  # one sentence per failed check
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _small_size(width: int, height: int, long_side: int = ANALYSIS_LONG_SIDE) -> tuple[int, int]:
+    scale = long_side / max(width, height)
+    return max(8, round(width * scale)), max(8, round(height * scale))
+
+
+def _grey(rgb: np.ndarray) -> np.ndarray:
+    return (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114).astype(np.float32)
+
+
+def _frame_grey(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
+    # swscale shrinks and converts (range included) in one step: cheap even from 1080p.
+    return _grey(frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray().astype(np.float32))
+
+
+def image_grey(image: Image.Image | bytes | VideoPath, size: tuple[int, int]) -> np.ndarray:
+    """The source image cover-fitted to `size` (centre crop, as a video of another aspect shows it)."""
+    if isinstance(image, Image.Image):
+        picture = image
+    else:
+        data = image if isinstance(image, bytes) else UPath(image).read_bytes()
+        picture = Image.open(io.BytesIO(data))
+    fitted = ImageOps.fit(picture.convert("RGB"), size, Image.Resampling.BILINEAR)
+    return _grey(np.asarray(fitted, dtype=np.float32))
+
+
+def _shrink(grey: np.ndarray, long_side: int) -> np.ndarray:
+    height, width = grey.shape
+    if max(width, height) <= long_side:
+        return grey
+    image = Image.fromarray(grey.astype(np.float32), mode="F").resize(_small_size(width, height, long_side), Image.Resampling.BOX)
+    return np.asarray(image, dtype=np.float32)
+
+
+def _audio_rms_dbfs(sum_squares: float, count: int) -> float:
+    if count == 0 or sum_squares <= 0:
+        return SILENCE_FLOOR_DBFS
+    return max(SILENCE_FLOOR_DBFS, 20 * math.log10(math.sqrt(sum_squares / count)))
+
+
+def _decode(path: VideoPath, keyframes_only: bool, long_side: int) -> SampledVideo:
+    name = str(path)
+    times: list[float] = []
+    frames: list[np.ndarray] = []
+    sum_squares, sample_count = 0.0, 0
+    with UPath(path).open("rb") as handle:
+        try:
+            with av.open(handle, mode="r", metadata_errors="replace") as container:
+                if not container.streams.video:
+                    raise MediaDecodeError(f"{name}: no video stream")
+                video = container.streams.video[0]
+                audio = container.streams.audio[0] if container.streams.audio else None
+                start = video.start_time or 0
+                if video.duration and video.time_base:
+                    duration_s = float(video.duration * video.time_base)
+                else:
+                    duration_s = (container.duration or 0) / av.time_base
+                fps = float(video.average_rate) if video.average_rate else 30.0
+                size = _small_size(video.width, video.height, long_side)
+                interval = MIN_SAMPLE_INTERVAL_S if keyframes_only else 1 / FALLBACK_SAMPLES_PER_S
+                stride = max(1, round(fps * interval))
+                next_at = -1.0
+                index = 0
+                streams = [video] + ([audio] if audio is not None else [])
+                for packet in container.demux(*streams):
+                    if packet.stream is audio:
+                        for chunk in packet.decode():
+                            raw = chunk.to_ndarray()
+                            samples = raw.astype(np.float64)
+                            if raw.dtype.kind in "iu":
+                                samples /= np.iinfo(raw.dtype).max
+                            sum_squares += float(np.square(samples).sum())
+                            sample_count += samples.size
+                        continue
+                    if packet.pts is None and packet.size == 0:
+                        decoded = packet.decode()  # flush
+                    elif keyframes_only:
+                        at = float((packet.pts - start) * packet.time_base) if packet.pts is not None else 0.0
+                        if not packet.is_keyframe or at < next_at:
+                            continue  # never decoded: that is where the time is saved
+                        decoded = packet.decode()
+                    else:
+                        decoded = packet.decode()
+                    for frame in decoded:
+                        at = float(((frame.pts or 0) - start) * frame.time_base) if frame.time_base else 0.0
+                        if keyframes_only or index % stride == 0:
+                            times.append(at)
+                            frames.append(_frame_grey(frame, size))
+                            next_at = at + interval
+                        index += 1
+        except av.error.FFmpegError as exc:
+            raise MediaDecodeError(f"{name}: not a decodable video ({exc.strerror or exc})") from exc
+    order = np.argsort(times, kind="stable")
+    return SampledVideo(
+        times=[times[i] for i in order],
+        frames=[frames[i] for i in order],
+        duration_s=duration_s,
+        keyframes_only=keyframes_only,
+        has_audio=audio is not None,
+        audio_rms_dbfs=_audio_rms_dbfs(sum_squares, sample_count) if audio is not None else None,
+    )
+
+
+def sample_video(path: VideoPath, *, long_side: int = ANALYSIS_LONG_SIDE) -> SampledVideo:
+    """Sampled small grey frames of a video (keyframes, else every frame sampled) and its audio RMS."""
+    sampled = _decode(path, True, long_side)
+    if len(sampled.frames) < MIN_KEYFRAME_SAMPLES and sampled.duration_s > 1.5:
+        sampled = _decode(path, False, long_side)
+    if not sampled.frames:
+        raise MediaDecodeError(f"{path}: no decodable video frame")
+    return sampled
+
+
+def _box_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean over every `window` x `window` block (valid positions only), via an integral image."""
+    padded = np.pad(values.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = padded[window:, window:] - padded[:-window, window:] - padded[window:, :-window] + padded[:-window, :-window]
+    return sums / (window * window)
+
+
+def ssim(a: np.ndarray, b: np.ndarray, *, window: int = SSIM_WINDOW) -> float:
+    """Mean structural similarity of two grey images of one shape (0..255), uniform windows."""
+    if a.shape != b.shape:
+        raise ValueError(f"ssim needs images of one shape, got {a.shape} and {b.shape}")
+    window = min(window, *a.shape)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mu_a, mu_b = _box_mean(a, window), _box_mean(b, window)
+    var_a = _box_mean(a * a, window) - mu_a * mu_a
+    var_b = _box_mean(b * b, window) - mu_b * mu_b
+    cov = _box_mean(a * b, window) - mu_a * mu_b
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(score.mean())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def _blank_runs(sampled: SampledVideo, thresholds: QualityThresholds) -> tuple[float, float]:
+    """(longest black/blank stretch in seconds, fraction of sampled frames that are black/blank)."""
+    blank = [
+        float(f.mean()) < thresholds.black_level or float(f.std()) < thresholds.flat_std for f in sampled.frames
+    ]
+    # A sample stands for the time until the next one (the last: until the end of the video).
+    ends = sampled.times[1:] + [max(sampled.duration_s, sampled.times[-1])]
+    longest = current = 0.0
+    for is_blank, start, end in zip(blank, sampled.times, ends, strict=True):
+        current = current + (end - start) if is_blank else 0.0
+        longest = max(longest, current)
+    return longest, sum(blank) / len(blank)
+
+
+def assess_sampled(
+    sampled: SampledVideo,
+    *,
+    source_image: Image.Image | bytes | VideoPath | None,
+    expect_audio: bool,
+    thresholds: QualityThresholds | None = None,
+) -> QualityReport:
+    thresholds = thresholds or QualityThresholds()
+    failures: list[str] = []
+    first_ssim = first_psnr = None
+    if source_image is not None:
+        first = _shrink(sampled.frames[0], FIDELITY_LONG_SIDE)
+        reference = image_grey(source_image, (first.shape[1], first.shape[0]))
+        first_ssim, first_psnr = ssim(first, reference), psnr(first, reference)
+        if first_ssim < thresholds.min_first_frame_ssim:
+            failures.append(
+                f"first frame: SSIM {first_ssim:.3f} against the source image, below {thresholds.min_first_frame_ssim:g}"
+            )
+    motion = None
+    if len(sampled.frames) >= 2:
+        motion = float(np.mean([np.abs(a - b).mean() for a, b in zip(sampled.frames, sampled.frames[1:], strict=False)]))
+        if motion < thresholds.min_motion:
+            failures.append(f"motion: {motion:.3f} mean grey change between sampled frames, below {thresholds.min_motion:g} (frozen)")
+    longest_blank, blank_fraction = _blank_runs(sampled, thresholds)
+    if longest_blank > thresholds.max_blank_s:
+        failures.append(f"blank: {longest_blank:.1f} s black or blank stretch, above {thresholds.max_blank_s:g} s")
+    if expect_audio and not sampled.has_audio:
+        failures.append("audio: audio was requested, the video has no audio track")
+    elif expect_audio and (sampled.audio_rms_dbfs or SILENCE_FLOOR_DBFS) < thresholds.min_audio_dbfs:
+        failures.append(f"audio: silent ({sampled.audio_rms_dbfs:.1f} dBFS RMS, below {thresholds.min_audio_dbfs:g})")
+    elif not expect_audio and sampled.has_audio:
+        failures.append("audio: no audio was requested, the video has an audio track")
+    return QualityReport(
+        first_frame_ssim=None if first_ssim is None else round(first_ssim, 4),
+        first_frame_psnr_db=None if first_psnr is None else round(first_psnr, 2),
+        motion=None if motion is None else round(motion, 3),
+        longest_blank_s=round(longest_blank, 3),
+        blank_fraction=round(blank_fraction, 3),
+        has_audio=sampled.has_audio,
+        audio_rms_dbfs=None if sampled.audio_rms_dbfs is None else round(sampled.audio_rms_dbfs, 2),
+        samples=len(sampled.frames),
+        failures=failures,
+    )
+
+
+def assess_video(
+    path: VideoPath,
+    *,
+    source_image: Image.Image | bytes | VideoPath | None,
+    expect_audio: bool,
+    thresholds: QualityThresholds | None = None,
+) -> QualityReport:
+    """Every quality metric of one video, and the checks it fails (see the module docstring)."""
+    return assess_sampled(sample_video(path), source_image=source_image, expect_audio=expect_audio, thresholds=thresholds)
+
+
+@dataclass(frozen=True)
+class Closeness:
+    """How close a reproduction came to the original, over frames aligned in time."""
+
+    identical_bytes: bool
+    aligned_frames: int
+    mean_ssim: float
+    min_ssim: float
+    mean_abs_diff: float  # grey levels, 0..255
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.identical_bytes:
+            return "identical: the reproduction is byte for byte the original video"
+        return (
+            f"frame similarity over {self.aligned_frames} aligned frames: mean SSIM {self.mean_ssim:.3f} "
+            f"(lowest {self.min_ssim:.3f}), mean grey difference {self.mean_abs_diff:.2f}"
+        )
+
+
+def closeness(original: VideoPath, reproduction: VideoPath, *, same_sha256: bool = False) -> Closeness:
+    """Frame similarity of two videos: each sampled frame of the original against the reproduction's
+    frame nearest in time (both shrunk to the original's analysis size)."""
+    a, b = sample_video(original), sample_video(reproduction)
+    shape = a.frames[0].shape
+    scores, diffs = [], []
+    for at, frame in zip(a.times, a.frames, strict=True):
+        nearest = int(np.argmin([abs(t - at) for t in b.times]))
+        other = b.frames[nearest]
+        if other.shape != shape:
+            other = np.asarray(
+                Image.fromarray(other.astype(np.uint8)).resize((shape[1], shape[0]), Image.Resampling.BILINEAR),
+                dtype=np.float32,
+            )
+        scores.append(ssim(frame, other))
+        diffs.append(float(np.abs(frame - other).mean()))
+    return Closeness(
+        identical_bytes=same_sha256,
+        aligned_frames=len(scores),
+        mean_ssim=round(float(np.mean(scores)), 4),
+        min_ssim=round(float(np.min(scores)), 4),
+        mean_abs_diff=round(float(np.mean(diffs)), 3),
+    )
