@@ -112,10 +112,10 @@ def wait_for_run(client: httpx.Client, run_id: str, log_path: Path) -> dict[str,
 
 
 def tick(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, cursor: str | None) -> dg.SensorResult:
-    context = dg.build_sensor_context(
+    with dg.build_sensor_context(
         instance=instance, cursor=cursor, definitions=defs, sensor_name=name, resources=defs.resources
-    )
-    result = defs.resolve_sensor_def(name)(context)
+    ) as context:
+        result = defs.resolve_sensor_def(name)(context)
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     for event in result.asset_events or []:

@@ -280,17 +280,17 @@ class PipelineRunner:
         return stop_reason
 
     def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
-        context = dg.build_sensor_context(
-            instance=self.instance,
-            cursor=cursor,
-            definitions=self.defs,
-            sensor_name=self.completion_sensor.name,
-            resources=self.defs.resources,
-        )
         # The sensor's own INFO lines are for the Dagster UI; here the progress line says it all.
         logging.disable(logging.INFO)
         try:
-            result = self.completion_sensor(context)
+            with dg.build_sensor_context(
+                instance=self.instance,
+                cursor=cursor,
+                definitions=self.defs,
+                sensor_name=self.completion_sensor.name,
+                resources=self.defs.resources,
+            ) as context:
+                result = self.completion_sensor(context)
         finally:
             logging.disable(logging.NOTSET)
         return result.cursor, list(result.run_requests or [])

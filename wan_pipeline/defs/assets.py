@@ -311,7 +311,7 @@ def generation_results(
     keys = list(submitted_generations["request_key"])
     still_pending = wait_until_terminal(
         store,
-        aimlapi.client_config(),
+        aimlapi.async_client,
         keys,
         deadline_s=config.wait_deadline_s,
         on_progress=lambda report, pending: context.log.info(

@@ -204,7 +204,7 @@ def generation_completion_sensor(
     context: dg.SensorEvaluationContext, aimlapi: AimlApiResource, ledger: LedgerResource
 ) -> dg.SensorResult:
     store = ledger.get(aimlapi)
-    report = poll_due(store, aimlapi.client_config(), limit=TICK_POLL_LIMIT, time_budget_s=TICK_TIME_BUDGET_S)
+    report = poll_due(store, aimlapi.async_client, limit=TICK_POLL_LIMIT, time_budget_s=TICK_TIME_BUDGET_S)
     if report.polled or report.errors:
         context.log.info(
             f"polled {report.polled} in {report.elapsed_s:.1f} s: {report.completed} completed, "
