@@ -18,6 +18,7 @@ from dagster._core.loader import LoadingContextForTest
 from pipeline_support import REPO, TWO_SEEDS, Project, make_project
 
 from wan_pipeline.definitions import build_definitions
+from wan_pipeline.defs.resources import AimlApiResource
 from wan_pipeline.defs.sensors import STATES_TAG
 from wan_pipeline.emulator import EmulatorConfig, running_emulator
 from wan_pipeline.settings import load_settings
@@ -302,3 +303,33 @@ def test_schedule_requests_every_set_and_its_runs_get_the_default_budget(project
 
 def test_location_readme_documents_the_budget() -> None:
     assert "WAN_PIPELINE_MAX_USD" in Path(REPO / "README.md").read_text()
+
+
+# Resources own their clients -------------------------------------------------------------------------
+
+
+def test_the_api_resource_builds_its_config_once_and_closes_its_clients() -> None:
+    resource = AimlApiResource(api_key="sk-test-owned", base_url="http://127.0.0.1:9")
+    with dg.build_resources({"aimlapi": resource}) as resources:
+        api = resources.aimlapi
+        assert api.client_config() is api.client_config()  # built at setup, not per call
+        client = api.client()
+        assert not client._http.is_closed
+        assert "sk-test-owned" not in repr(api.client_config())
+    assert client._http.is_closed  # closed with the resource
+
+
+def test_the_core_receives_the_resources_client_factory(project: Project, monkeypatch) -> None:
+    made = []
+    resource = project.defs.resources["aimlapi"]
+    original = type(resource).async_client
+
+    def counting(self):
+        made.append(1)
+        return original(self)
+
+    monkeypatch.setattr(type(resource), "async_client", counting)
+    project.write_set(f"{SET}.yaml", TWO_SEEDS)
+    assert project.submit(SET).success
+    project.tick("generation_completion_sensor")
+    assert len(made) >= 2  # the submission and the sensor's poll both came through the resource

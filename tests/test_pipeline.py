@@ -228,7 +228,7 @@ def test_completion_sensor_requests_once_per_terminal_state_and_bounds_its_tick(
     result, cursor = tick_until_collect_requested(project, first.cursor)
     (request,) = result.run_requests
     assert request.partition_key == SET and request.run_key.startswith(f"collect-{SET}-")
-    assert json.loads(cursor)[SET] in request.run_key
+    assert json.loads(cursor)["requested"][SET] in request.run_key
     # A repeat tick with the same terminal states asks for nothing.
     assert not project.tick("generation_completion_sensor", cursor).run_requests
 

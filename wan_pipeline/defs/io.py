@@ -8,22 +8,21 @@ from upath import UPath
 
 from wan_pipeline.safe_text import printable
 
-# What to run first when an asset's input was never materialized for a set: the job that makes it.
-MADE_BY = {
-    "generation_requests": "submit_prompt_set (generation_requests + submitted_generations)",
-    "submitted_generations": "submit_prompt_set (generation_requests + submitted_generations)",
-    "generation_results": "collect_prompt_set (generation_results + downloaded_videos)",
+# What to run first when an asset's input was never materialized for a set, and why it is missing.
+SUBMIT_FIRST = "nothing was submitted for it: run submit_prompt_set (generation_requests + submitted_generations) for this set first"
+MISSING_INPUT = {
+    "generation_requests": SUBMIT_FIRST,
+    "submitted_generations": SUBMIT_FIRST,
+    "generation_results": "its results were never collected: run collect_prompt_set (generation_results + "
+    "downloaded_videos) for this set, or let generation_completion_sensor request it when its generations finish",
 }
 
 
 def missing_input_message(upstream: str, partition: str | None) -> str:
     """One line: which input is missing for which set, and what to run first."""
     where = f"prompt set {printable(partition or '?', 100)!r}"
-    first = MADE_BY.get(upstream, upstream)
-    return (
-        f"{upstream} has not been materialized for {where} yet (nothing was submitted for it): "
-        f"run {first} for this set first"
-    )
+    why = MISSING_INPUT.get(upstream, f"materialize {upstream} for this set first")
+    return f"{upstream} has not been materialized for {where} yet ({why})"
 
 
 class ParquetUPathIOManager(dg.UPathIOManager):
