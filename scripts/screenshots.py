@@ -37,7 +37,7 @@ items:
     seeds: [1, 2]
 """
 SET_THREE = """\
-defaults: {resolution: 720p, duration: 5}
+defaults: {resolution: 1080p, duration: 5}
 items:
   - image: ../../data/images/still_life.png
     prompt: Gentle push-in on the geometric still life
@@ -47,9 +47,9 @@ items:
 SHOTS = [
     ("ui_runs_cost_tags.png", "/runs", "the runs list with what each run bought and collected"),
     ("ui_pending.png", "/assets/generation_results?view=events&partition=spring_campaign", "pending counts"),
-    ("ui_stale.png", "/assets/generation_requests?partition=edited", "an edited set shown Unsynced"),
+    ("ui_stale.png", "/assets/generation_requests?view=partitions&partition=edited", "an edited set shown Unsynced"),
     ("ui_invalid.png", "/assets/prompt_set_file?view=events&partition=broken", "an invalid set and its problems"),
-    ("asset_graph.png", "/asset-groups", "the asset graph"),
+    ("asset_graph.png", "/assets/downloaded_videos?view=lineage&lineageScope=upstream&lineageDepth=5", "the asset graph"),
 ]
 
 
@@ -84,6 +84,7 @@ def seed(root: Path) -> None:
         fast = EmulatorConfig(latency_s=0.5, api_key=API_KEY, small_frames=True)
         with running_emulator(fast) as emulator:
             os.environ["AIMLAPI_BASE_URL"] = emulator.base_url
+            os.environ["WAN_PIPELINE_EXPECTED_SECONDS"] = "0.5"
             defs = build_definitions(load_settings())
             for name in ("product_shots", "edited", "broken"):
                 (catalog / f"{name}.yaml").write_text(SET_TWO.replace("[1, 2]", {"product_shots": "[1, 2]", "edited": "[7]", "broken": "[8]"}[name]))
@@ -113,6 +114,7 @@ def seed(root: Path) -> None:
         slow = EmulatorConfig(latency_s=3600.0, api_key=API_KEY, small_frames=True)
         with running_emulator(slow) as emulator:
             os.environ["AIMLAPI_BASE_URL"] = emulator.base_url
+            os.environ["WAN_PIPELINE_EXPECTED_SECONDS"] = "180"  # what the real API takes: a pending set
             defs = build_definitions(load_settings())
             (catalog / "spring_campaign.yaml").write_text(SET_THREE)
             tick(defs, instance, "prompt_set_sensor", None)
@@ -170,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
             "WAN_PIPELINE_OUTPUT": str(root / "outputs"),
             "WAN_PIPELINE_LEDGER_URL": f"sqlite:///{root / 'ledger.sqlite'}",
             "WAN_PIPELINE_ALLOWED_ROOTS": str(root),
-            "WAN_PIPELINE_EXPECTED_SECONDS": "180",
         })
         seed(root)
         port = free_port()
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 base_url = f"http://127.0.0.1:{port}"
                 wait_until_loaded(base_url, process)
+                # The "Join the Dagster community" dialog would cover every picture: mark it seen.
+                httpx.post(f"{base_url}/graphql", json={"query": "mutation { setNuxSeen }"}, timeout=10)
                 for name, page, what in SHOTS:
                     shoot(args.chromium, base_url + page, args.out / name, root / f"chromium-{name}")
                     print(f"{args.out / name}: {what}")
