@@ -18,6 +18,7 @@ from dagster._core.loader import LoadingContextForTest
 from pipeline_support import REPO, TWO_SEEDS, Project, make_project
 
 from wan_pipeline.definitions import build_definitions
+from wan_pipeline.defs.assets import file_data_version, prompt_set_file
 from wan_pipeline.defs.resources import AimlApiResource
 from wan_pipeline.defs.sensors import STATES_TAG
 from wan_pipeline.emulator import EmulatorConfig, running_emulator
@@ -333,3 +334,29 @@ def test_the_core_receives_the_resources_client_factory(project: Project, monkey
     assert project.submit(SET).success
     project.tick("generation_completion_sensor")
     assert len(made) >= 2  # the submission and the sensor's poll both came through the resource
+
+
+def test_observing_the_source_from_the_ui_gives_the_same_data_version_as_the_sensor(project: Project) -> None:
+    from dagster._core.definitions.observe import observe
+
+    project.write_set(f"{SET}.yaml", TWO_SEEDS)
+    (by_sensor,) = [e for e in project.tick("prompt_set_sensor").asset_events if e.partition == SET]
+    result = observe([prompt_set_file], instance=project.instance, resources={"catalog": project.defs.resources["catalog"]})
+    (event,) = [e for e in result.all_events if e.event_type_value == "ASSET_OBSERVATION"]
+    observation = event.asset_observation_data.asset_observation
+    assert observation.partition == SET
+    assert observation.tags["dagster/data_version"] == by_sensor.tags["dagster/data_version"]
+    assert by_sensor.tags["dagster/data_version"] == file_data_version(project.catalog_dir / f"{SET}.yaml")
+
+
+def test_a_cursor_from_before_the_upgrade_does_not_look_like_an_edit(project: Project, monkeypatch) -> None:
+    path = project.catalog_dir / f"{SET}.yaml"
+    path.write_text(TWO_SEEDS)
+    project.instance.add_dynamic_partitions("prompt_sets", [SET])
+    from wan_pipeline.storage import file_sha256
+
+    legacy = json.dumps({SET: file_sha256(path)[1]})  # the old cursor: set -> full sha256
+    monkeypatch.setenv("WAN_PIPELINE_AUTO_SUBMIT", "1")
+    result = project.tick("prompt_set_sensor", legacy)
+    assert not result.run_requests  # nothing changed, so nothing is bought
+    assert "files" in json.loads(result.cursor)

@@ -54,9 +54,11 @@ def _file_entries(cursor: str | None) -> dict[str, dict]:
 
 
 def _previous_sha(entries: dict[str, dict], name: str) -> str | None:
+    """The set's file hash at the previous tick, as a data version (an older cursor held the full sha256:
+    its first 16 characters are the same, so an upgrade does not look like an edit)."""
     for entry in entries.values():
-        if entry.get("name") == name:
-            return entry.get("sha")
+        if entry.get("name") == name and entry.get("sha"):
+            return entry["sha"][:16]
     return None
 
 
