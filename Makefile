@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-lock
 
-.PHONY: demo test dev bench bench-quick lint lock clean
+.PHONY: demo test dev bench bench-quick lint lock clean screenshots
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py --quick
+
+# The README's pictures of the Dagster UI, from what the code does today (headless Chromium:
+# Debian's `chromium` package, `apt-get install -y chromium`).
+screenshots: $(STAMP)
+	@command -v chromium >/dev/null || { echo "screenshots need chromium: apt-get install -y chromium"; exit 1; }
+	$(BIN)/python scripts/screenshots.py --out docs
 
 lint: $(STAMP)
 	$(BIN)/ruff check wan_pipeline tests benchmarks

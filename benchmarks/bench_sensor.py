@@ -78,10 +78,10 @@ def worker_ticks(params: dict[str, Any]) -> dict[str, Any]:
     sensor = defs.resolve_sensor_def("generation_completion_sensor")
 
     def sensor_tick(instance: dg.DagsterInstance) -> None:
-        context = dg.build_sensor_context(
+        with dg.build_sensor_context(
             instance=instance, definitions=defs, sensor_name=sensor.name, resources=defs.resources
-        )
-        sensor(context)
+        ) as context:
+            sensor(context)
 
     def core_tick(_instance: dg.DagsterInstance) -> None:
         poll_due(ledger, poll_config, limit=TICK_POLL_LIMIT, time_budget_s=TICK_TIME_BUDGET_S)

@@ -69,14 +69,15 @@ class Project:
 
     def tick(self, sensor_name: str, cursor: str | None = None) -> dg.SensorResult:
         sensor = self.defs.resolve_sensor_def(sensor_name)
-        context = dg.build_sensor_context(
+        # A `with`: the resources' setup/teardown (the API resource owns its clients) run around the tick.
+        with dg.build_sensor_context(
             instance=self.instance,
             cursor=cursor,
             definitions=self.defs,
             sensor_name=sensor_name,
             resources=self.defs.resources,
-        )
-        return sensor(context)
+        ) as context:
+            return sensor(context)
 
 
 def make_project(tmp_path: Path, emulator, monkeypatch, instance: dg.DagsterInstance) -> Project:

@@ -29,7 +29,7 @@ SAMPLE_CATALOG = REPO / "configs" / "prompt_sets"
 WEBSERVER = Path(sys.executable).parent / "dagster-webserver"
 STARTUP_DEADLINE_S = 60.0
 
-ASSETS = {"generation_requests", "submitted_generations", "generation_results", "downloaded_videos"}
+ASSETS = {"prompt_set_file", "generation_requests", "submitted_generations", "generation_results", "downloaded_videos"}
 CHECKS = {"downloaded_videos": {"videos_match_requests"}, "generation_results": {"no_failed_generations"}}
 
 # Everything the test reads, in one round trip: the code location's load status and, once loaded,
@@ -82,10 +82,10 @@ def sample_prompt_sets() -> set[str]:
 def register_partitions_with_sensor(instance: dg.DagsterInstance) -> None:
     """One tick of the real `prompt_set_sensor`, with its partition requests applied as the daemon would."""
     defs = build_definitions(load_settings())
-    context = dg.build_sensor_context(
+    with dg.build_sensor_context(
         instance=instance, definitions=defs, sensor_name="prompt_set_sensor", resources=defs.resources
-    )
-    result = defs.resolve_sensor_def("prompt_set_sensor")(context)
+    ) as context:
+        result = defs.resolve_sensor_def("prompt_set_sensor")(context)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
 
@@ -189,7 +189,12 @@ def test_webserver_serves_the_code_location(webserver: tuple[str, subprocess.Pop
         assert {c["name"] for c in node["assetChecksOrError"]["checks"]} == CHECKS.get(name, set()), name
 
     sensors = {s["name"]: s["sensorState"]["status"] for s in repository["sensors"]}
-    assert sensors == {"prompt_set_sensor": "RUNNING", "generation_completion_sensor": "RUNNING"}
+    assert sensors == {
+        "prompt_set_sensor": "RUNNING",
+        "generation_completion_sensor": "RUNNING",
+        "catalog_automation_sensor": "RUNNING",  # refreshes generation_requests only (free)
+    }
+    assert entry["name"] == "wan-pipeline"
     # The schedule spends money, so a fresh deployment must not start it on its own.
     schedules = {s["name"]: s["scheduleState"]["status"] for s in repository["schedules"]}
     assert schedules == {"production_schedule": "STOPPED"}

@@ -8,6 +8,7 @@ from wan_pipeline.defs.assets import (
     downloaded_videos,
     generation_requests,
     generation_results,
+    prompt_set_file,
     submitted_generations,
 )
 from wan_pipeline.defs.checks import no_failed_generations, videos_match_requests
@@ -17,17 +18,28 @@ from wan_pipeline.defs.jobs import collect_job, submit_job
 from wan_pipeline.defs.quality_checks import videos_pass_quality_checks
 from wan_pipeline.defs.resources import AimlApiResource, CatalogResource, LedgerResource, VideoStoreResource
 from wan_pipeline.defs.schedules import production_schedule
-from wan_pipeline.defs.sensors import generation_completion_sensor, prompt_set_sensor
+from wan_pipeline.defs.sensors import (
+    catalog_automation_sensor,
+    generation_completion_sensor,
+    prompt_set_sensor,
+)
 from wan_pipeline.settings import Settings, env_number, load_settings
 
 
 def build_definitions(settings: Settings | None = None) -> dg.Definitions:
     settings = settings or load_settings()
     return dg.Definitions(
-        assets=[generation_requests, submitted_generations, generation_results, downloaded_videos, experiment_table],
+        assets=[
+            prompt_set_file,
+            generation_requests,
+            submitted_generations,
+            generation_results,
+            downloaded_videos,
+            experiment_table,
+        ],
         asset_checks=[videos_match_requests, no_failed_generations, videos_pass_quality_checks],
         jobs=[submit_job, collect_job],
-        sensors=[prompt_set_sensor, generation_completion_sensor],
+        sensors=[prompt_set_sensor, generation_completion_sensor, catalog_automation_sensor],
         schedules=[production_schedule],
         resources={
             # The key is resolved from the environment at run time and never stored in config.

@@ -131,15 +131,32 @@ async def poll_rows_async(
     return report
 
 
+ClientFactory = Callable[[], AsyncAimlApiClient]
+
+
+def _factory(client: ClientConfig | ClientFactory) -> ClientFactory:
+    """The caller's client factory (a Dagster resource's, say); a bare config is for scripts and tests.
+    A factory, not a client: an httpx async client belongs to one event loop, and each call runs its own."""
+    if isinstance(client, ClientConfig):
+        return lambda: AsyncAimlApiClient(client)
+    return client
+
+
 def poll_due(
-    ledger: Ledger, config: ClientConfig, *, limit: int, time_budget_s: float, now: datetime | None = None
+    ledger: Ledger,
+    client: ClientConfig | ClientFactory,
+    *,
+    limit: int,
+    time_budget_s: float,
+    now: datetime | None = None,
 ) -> PollReport:
     """One bounded batch: the `limit` generations whose next poll time has come, within the budget."""
     due = ledger.due_for_poll(now or _utcnow(), limit + 1)  # one more, to know whether any is left over
     rows = due[:limit]
+    make_client = _factory(client)
 
     async def run() -> PollReport:
-        async with AsyncAimlApiClient(config) as client:
+        async with make_client() as client:
             return await poll_rows_async(ledger, client, rows, time_budget_s=time_budget_s)
 
     report = asyncio.run(run()) if rows else PollReport()
@@ -149,7 +166,7 @@ def poll_due(
 
 def wait_until_terminal(
     ledger: Ledger,
-    config: ClientConfig,
+    client: ClientConfig | ClientFactory,
     request_keys: Iterable[str],
     *,
     deadline_s: float,
@@ -161,9 +178,10 @@ def wait_until_terminal(
     """
     keys = set(request_keys)
     give_up_at = time.monotonic() + deadline_s
+    make_client = _factory(client)
 
     async def run() -> list[LedgerRow]:
-        async with AsyncAimlApiClient(config) as client:
+        async with make_client() as client:
             while True:
                 pending = [row for row in ledger.rows_for_keys(keys) if row.state in PENDING_REMOTE]
                 if not pending or time.monotonic() >= give_up_at:

@@ -154,6 +154,7 @@ class PipelineRunner:
         self.submit_job = defs.resolve_job_def("submit_prompt_set")
         self.collect_job = defs.resolve_job_def("collect_prompt_set")
         self.completion_sensor = defs.resolve_sensor_def("generation_completion_sensor")
+        self.planned_usd: dict[str, float] = {}
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -187,6 +188,7 @@ class PipelineRunner:
             return 1
         names = list(files)
         plans = self.plans(files, options)
+        self.planned_usd = {plan.prompt_set: plan.estimated_usd for plan in plans}
         if options.dry_run:
             self.say_plans(plans)
             return 0
@@ -248,7 +250,9 @@ class PipelineRunner:
         config = {
             "retry_failed": options.retry_failed,
             "resubmit_in_doubt": sorted(options.resubmit_in_doubt.names),
-            "max_usd": options.max_usd,
+            # `run` has already checked its whole selection against --max-usd (or was given none): it
+            # raises the asset's default per-run budget (WAN_PIPELINE_MAX_USD) explicitly to what it planned.
+            "max_usd": options.max_usd if options.max_usd is not None else self.planned_usd.get(name, 0.0) + 0.01,
         }
         result = self.submit_job.execute_in_process(
             instance=self.instance,
@@ -276,17 +280,17 @@ class PipelineRunner:
         return stop_reason
 
     def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
-        context = dg.build_sensor_context(
-            instance=self.instance,
-            cursor=cursor,
-            definitions=self.defs,
-            sensor_name=self.completion_sensor.name,
-            resources=self.defs.resources,
-        )
         # The sensor's own INFO lines are for the Dagster UI; here the progress line says it all.
         logging.disable(logging.INFO)
         try:
-            result = self.completion_sensor(context)
+            with dg.build_sensor_context(
+                instance=self.instance,
+                cursor=cursor,
+                definitions=self.defs,
+                sensor_name=self.completion_sensor.name,
+                resources=self.defs.resources,
+            ) as context:
+                result = self.completion_sensor(context)
         finally:
             logging.disable(logging.NOTSET)
         return result.cursor, list(result.run_requests or [])
@@ -300,13 +304,17 @@ class PipelineRunner:
         last_line = ""
         while active:
             cursor, requests = self.tick(cursor)
-            # Unlike the daemon, run executes a requested collection even when an earlier run had the
-            # same key: it is cheap (verified files are skipped) and it restores a deleted video.
             for request in requests:
                 if request.partition_key in active:
                     self.collect(request, outcomes[request.partition_key])
+            now = datetime.now(UTC)
             for name in list(active):
                 progress = self.ledger.progress(name)
+                # The sensor skips states an earlier run already collected (so the daemon does not repeat
+                # what `run` did); `run` collects them anyway: it is cheap (verified files are skipped)
+                # and it restores a deleted video.
+                if progress.should_collect(now) and outcomes[name].collected_fingerprint != progress.fingerprint:
+                    self.collect(collection_run_request(name, progress), outcomes[name])
                 done = progress.ready_to_collect and outcomes[name].collected_fingerprint == progress.fingerprint
                 if progress.total == 0 or done:
                     active.discard(name)

@@ -1,4 +1,4 @@
-"""The four assets of a prompt set: catalog -> submissions -> results -> downloaded videos."""
+"""The assets of a prompt set: its file (a source) -> catalog -> submissions -> results -> videos."""
 
 
 import base64
@@ -10,10 +10,13 @@ import pandas as pd
 
 from wan_pipeline.catalog import CatalogError, requests_from_dataframe
 from wan_pipeline.collection import collect_videos
-from wan_pipeline.ledger import LedgerRow, State
+from wan_pipeline.ledger import Ledger, LedgerRow, State
+from wan_pipeline.ledger.reports import spend
 from wan_pipeline.media import contact_sheet
 from wan_pipeline.polling import wait_until_terminal
 from wan_pipeline.safe_text import printable
+from wan_pipeline.settings import SettingsError, env_number
+from wan_pipeline.storage import file_sha256
 from wan_pipeline.submission import BudgetExceeded, SubmissionPlan, plan_submission, submit_prompt_set
 
 from .partitions import prompt_sets
@@ -27,6 +30,13 @@ PROMPT_SET_ASSET = {
     "code_version": "1",
 }
 PREVIEW_ROWS = 20
+PROMPT_SHOWN = 60  # characters of a prompt in tables and contact-sheet labels
+# The per-run budget of a submission launched from the UI or the schedule, unless its run config
+# raises it (`max_usd`): what a run would newly buy is refused above it, before any create.
+DEFAULT_MAX_USD = 20.0
+MAX_USD_ENV = "WAN_PIPELINE_MAX_USD"
+# Run tags: what a submission run bought and what a collection run collected (the runs list shows them).
+TAG_PREFIX = "wan_pipeline/"
 # The contact sheet travels in the event log as a picture: it shows the first videos of a large set.
 CONTACT_SHEET_VIDEOS = 100
 
@@ -34,6 +44,52 @@ CONTACT_SHEET_VIDEOS = 100
 def request_keys_version(keys: pd.Series) -> str:
     """Data version of a catalog: the hash of its sorted request keys (prompt edits change it)."""
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:16]
+
+
+def short_prompt(prompt: object, limit: int = PROMPT_SHOWN) -> str:
+    """A prompt as tables and labels show it: one escaped line, shortened with an ellipsis."""
+    return printable(prompt if isinstance(prompt, str) else "", limit)
+
+
+def file_data_version(path) -> str:
+    """Data version of a prompt-set file: its content hash (an edit marks everything downstream stale)."""
+    return file_sha256(path)[1][:16]
+
+
+def default_max_usd() -> float:
+    try:
+        return float(env_number(MAX_USD_ENV, float, minimum=0, default=DEFAULT_MAX_USD))
+    except SettingsError as exc:
+        raise dg.Failure(description=f"{exc}; nothing was submitted") from None
+
+
+def tag_run(context: dg.AssetExecutionContext, tags: dict[str, object]) -> None:
+    """Add `wan_pipeline/*` tags to this run (tags are set at launch; what a run bought is known later)."""
+    context.instance.add_run_tags(context.run.run_id, {f"{TAG_PREFIX}{k}": str(v) for k, v in tags.items()})
+
+
+def set_spend_metadata(store: Ledger, prompt_set: str, keys: list[str]) -> dict:
+    """Spend to date of a set, from the attempts table: bought by this set, in this API scope."""
+    bought = spend(a for a in store.attempts(request_keys=keys) if a.prompt_set == prompt_set)
+    return {
+        "set_usd_to_date": round(bought.usd_spent, 4),
+        "set_purchases_to_date": bought.purchases,
+        "set_in_doubt_usd_estimate": round(bought.in_doubt_estimate_usd, 4),
+    }
+
+
+@dg.observable_source_asset(
+    partitions_def=prompt_sets,
+    group_name="catalog",
+    tags={"dagster/kind/yaml": "", "dagster/kind/csv": ""},
+    description="A prompt-set file in the catalog folder. Its data version is the file's hash: "
+    "`prompt_set_sensor` observes it on every change (with the file's problems, if any), so an edit "
+    "marks `generation_requests` and everything downstream Unsynced by itself.",
+)
+def prompt_set_file(context, catalog: CatalogResource) -> dg.DataVersionsByPartition:
+    files = catalog.files()
+    known = context.instance.get_dynamic_partitions(prompt_sets.name)
+    return dg.DataVersionsByPartition({name: file_data_version(files[name]) for name in known if name in files})
 
 
 def _markdown_table(df: pd.DataFrame) -> dg.MetadataValue:
@@ -53,6 +109,7 @@ def _rows_frame(rows: list[LedgerRow]) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "request_key": [r.request_key for r in rows],
+            "prompt": [str((r.request_json or {}).get("prompt") or "") for r in rows],
             "state": [str(r.state) for r in rows],
             "generation_id": [r.generation_id for r in rows],
             "raw_status": [r.raw_status for r in rows],
@@ -68,7 +125,14 @@ def _rows_frame(rows: list[LedgerRow]) -> pd.DataFrame:
     )
 
 
-@dg.asset(**PROMPT_SET_ASSET, group_name="catalog", kinds={"yaml", "pandas"})
+@dg.asset(
+    **PROMPT_SET_ASSET,
+    group_name="catalog",
+    kinds={"yaml", "pandas"},
+    deps=[prompt_set_file],
+    # Refreshing the catalog costs nothing, so it follows its file by itself; nothing that spends does.
+    automation_condition=dg.AutomationCondition.eager(),
+)
 def generation_requests(context: dg.AssetExecutionContext, catalog: CatalogResource) -> dg.Output[pd.DataFrame]:
     """The validated, expanded catalog of one prompt set: one row per generation, keyed by request_key.
 
@@ -78,7 +142,8 @@ def generation_requests(context: dg.AssetExecutionContext, catalog: CatalogResou
         prompt_set = catalog.load(context.partition_key)
     except CatalogError as exc:
         raise dg.Failure(
-            description=f"Prompt set {context.partition_key!r} is invalid; nothing was submitted.\n{exc}",
+            description=f"Prompt set {context.partition_key!r} is invalid ({len(exc.problems)} problem(s)); nothing "
+            f"was submitted: fix its file (`wan-pipeline validate` lists the problems) and run it again.\n{exc}",
             metadata={"problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in exc.problems))},
         ) from None
     frame = prompt_set.to_dataframe()
@@ -100,7 +165,8 @@ class SubmissionConfig(dg.Config):
     dry_run: bool = False
     """Show what would be bought, reused and left alone, and its cost; write nothing, buy nothing."""
     max_usd: float | None = None
-    """Refuse to start when the estimate of what this run would newly buy exceeds it."""
+    """Refuse to start when the estimate of what this run would newly buy exceeds it. Unset: the per-run
+    budget WAN_PIPELINE_MAX_USD (default $20); set it here to raise (or lower) that budget for this run."""
     resubmit_in_doubt: list[str] = []
     """Buy again in-doubt generations (they may already be paid for): "all", this set's name, or request keys."""
     retry_failed: bool = False
@@ -149,6 +215,7 @@ def submitted_generations(
             retry_failed=config.retry_failed, dry_run=True,
         )
         context.log.info(f"dry run, nothing bought: {plan.describe()}")
+        tag_run(context, {"dry_run": "true", "would_buy": len(plan.to_submit), "would_spend_usd": f"{plan.estimated_usd:.4f}"})
         context.log_event(
             dg.AssetObservation(
                 asset_key=context.asset_key, partition=context.partition_key,
@@ -156,6 +223,8 @@ def submitted_generations(
             )
         )
         return
+    max_usd = config.max_usd if config.max_usd is not None else default_max_usd()
+    budget_source = "run config max_usd" if config.max_usd is not None else f"{MAX_USD_ENV} per-run budget"
     try:
         report = submit_prompt_set(
             store,
@@ -163,17 +232,29 @@ def submitted_generations(
             context.partition_key,
             requests,
             max_concurrency=aimlapi.max_concurrency,
-            max_usd=config.max_usd,
+            max_usd=max_usd,
             resubmit_in_doubt=config.resubmit_in_doubt,
             retry_failed=config.retry_failed,
             run_id=context.run.run_id,
             allowed_roots=catalog.roots(),
         )
     except BudgetExceeded as exc:
-        raise dg.Failure(description=str(exc)) from None
-    rows = store.rows_for_keys(r.request_key for r in requests)
+        tag_run(context, {"bought": 0, "usd": "0.0000", "refused": "over budget"})
+        raise dg.Failure(
+            description=f"Refused by the {budget_source} (${max_usd:.2f}): {exc}. To buy it, launch again with "
+            f"run config ops.submitted_generations.config.max_usd set to at least the estimate.",
+            allow_retries=False,
+        ) from None
+    finally:
+        # What this run bought, from the attempts table: exact even when the step failed midway.
+        bought = spend(store.attempts(run_id=context.run.run_id))
+        tag_run(context, {"bought": bought.purchases, "usd": f"{bought.usd_spent:.4f}", "in_doubt": bought.in_doubt})
+    keys = [r.request_key for r in requests]
+    rows = store.rows_for_keys(keys)
     frame = _rows_frame(rows)
     metadata = {
+        "budget_usd": round(max_usd, 4),
+        **set_spend_metadata(store, context.partition_key, keys),
         "api_scope": store.scope,
         "new": report.new,
         "reused": report.reused,
@@ -230,7 +311,7 @@ def generation_results(
     keys = list(submitted_generations["request_key"])
     still_pending = wait_until_terminal(
         store,
-        aimlapi.client_config(),
+        aimlapi.async_client,
         keys,
         deadline_s=config.wait_deadline_s,
         on_progress=lambda report, pending: context.log.info(
@@ -256,8 +337,14 @@ def generation_results(
         "usd_spent": round(float(frame["usd_spent"].fillna(0).sum()), 4),
         "median_processing_s": float(frame["processing_s"].median()) if frame["processing_s"].notna().any() else 0.0,
         "dagster/row_count": len(frame),
-        "results": _markdown_table(frame[["request_key", "state", "raw_status", "processing_s", "usd_spent", "error"]]),
+        "results": _markdown_table(
+            frame.assign(prompt=frame["prompt"].map(short_prompt))[
+                ["request_key", "prompt", "state", "raw_status", "processing_s", "usd_spent", "error"]
+            ]
+        ),
+        **set_spend_metadata(store, context.partition_key, keys),
     }
+    tag_run(context, {"completed": metadata["completed"], "failed": len(failed), "still_pending": len(still_pending)})
     if len(failed):
         metadata["failures"] = dg.MetadataValue.md(
             "\n".join(f"- `{r.request_key}`: {printable(r.error)}" for r in failed.itertuples())
@@ -319,7 +406,8 @@ def downloaded_videos(
                 (
                     v.path,
                     f"{v.request_key[:8]} seed {by_key[v.request_key].request.seed} "
-                    f"{by_key[v.request_key].request.resolution} {by_key[v.request_key].request.duration}s",
+                    f"{by_key[v.request_key].request.resolution} {by_key[v.request_key].request.duration}s "
+                    f"{short_prompt(by_key[v.request_key].request.prompt, 40)}",
                 )
                 for v in shown
             ],
@@ -332,6 +420,7 @@ def downloaded_videos(
             f"![contact sheet](data:image/png;base64,{base64.b64encode(sheet).decode()}){caption}"
         )
         metadata["contact_sheet_path"] = dg.MetadataValue.path(str(sheet_path))
+    tag_run(context, {"collected": len(report.videos), "downloaded": report.count("downloaded")})
     if report.failures:
         listing = "\n".join(f"- `{k}`: {m}" for k, m in report.failures)
         raise dg.Failure(

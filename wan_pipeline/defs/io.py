@@ -6,6 +6,24 @@ import dagster as dg
 import pandas as pd
 from upath import UPath
 
+from wan_pipeline.safe_text import printable
+
+# What to run first when an asset's input was never materialized for a set, and why it is missing.
+SUBMIT_FIRST = "nothing was submitted for it: run submit_prompt_set (generation_requests + submitted_generations) for this set first"
+MISSING_INPUT = {
+    "generation_requests": SUBMIT_FIRST,
+    "submitted_generations": SUBMIT_FIRST,
+    "generation_results": "its results were never collected: run collect_prompt_set (generation_results + "
+    "downloaded_videos) for this set, or let generation_completion_sensor request it when its generations finish",
+}
+
+
+def missing_input_message(upstream: str, partition: str | None) -> str:
+    """One line: which input is missing for which set, and what to run first."""
+    where = f"prompt set {printable(partition or '?', 100)!r}"
+    why = MISSING_INPUT.get(upstream, f"materialize {upstream} for this set first")
+    return f"{upstream} has not been materialized for {where} yet ({why})"
+
 
 class ParquetUPathIOManager(dg.UPathIOManager):
     extension = ".parquet"
@@ -16,7 +34,17 @@ class ParquetUPathIOManager(dg.UPathIOManager):
             obj.to_parquet(handle, index=False)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
-        with path.open("rb") as handle:
+        try:
+            handle = path.open("rb")
+        except FileNotFoundError:
+            # A raw FileNotFoundError inside DagsterExecutionLoadInputError says nothing a user can act
+            # on (and a backfill page only shows "Failed"): say which input and what to run first.
+            upstream = context.upstream_output.asset_key.to_user_string() if context.upstream_output else "input"
+            partition = context.asset_partition_key if context.has_asset_partitions else None
+            raise dg.Failure(
+                description=missing_input_message(upstream, partition), allow_retries=False
+            ) from None
+        with handle:
             return pd.read_parquet(handle)
 
 

@@ -5,7 +5,7 @@ from functools import cache
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from wan_pipeline.api import AimlApiClient, AsyncAimlApiClient, ClientConfig
 from wan_pipeline.catalog import PromptSet, discover_prompt_sets, load_prompt_set
@@ -26,7 +26,19 @@ class AimlApiResource(dg.ConfigurableResource):
     )
     read_timeout_s: float = 60.0
 
-    def client_config(self) -> ClientConfig:
+    _config: ClientConfig | None = PrivateAttr(default=None)
+    _clients: list[AimlApiClient] = PrivateAttr(default_factory=list)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Built once per step or tick: a bad setting fails here, before any asset code runs.
+        self._config = self._build_config()
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients.clear()
+
+    def _build_config(self) -> ClientConfig:
         return ClientConfig(
             base_url=self.base_url,
             api_key=Secret(self.api_key),
@@ -35,14 +47,22 @@ class AimlApiResource(dg.ConfigurableResource):
             read_timeout=self.read_timeout_s,
         )
 
+    def client_config(self) -> ClientConfig:
+        return self._config or self._build_config()
+
     def scope(self) -> str:
         """The ledger scope of this API: what it bought is never counted as bought on another."""
         return api_scope(self.base_url)
 
     def client(self) -> AimlApiClient:
-        return AimlApiClient(self.client_config())
+        """A synchronous client, closed with the resource."""
+        client = AimlApiClient(self.client_config())
+        self._clients.append(client)
+        return client
 
     def async_client(self) -> AsyncAimlApiClient:
+        """What the core receives (as a factory: an httpx async client belongs to one event loop, and
+        each core call runs its own): submission, polling, waiting and collection never build one."""
         return AsyncAimlApiClient(self.client_config())
 
 
