@@ -139,7 +139,7 @@ def test_prompt_set_runs_end_to_end_on_postgres(
     collected = project.collect(PROMPT_SET)
     assert collected.success
     checks = {evaluation.check_name: evaluation.passed for evaluation in collected.get_asset_check_evaluations()}
-    assert checks == {"videos_match_requests": True, "no_failed_generations": True}
+    assert checks == {"videos_match_requests": True, "no_failed_generations": True, "videos_pass_quality_checks": True}
 
     # A second instance opened from the same config sees what the first one wrote: it is in PostgreSQL.
     materialized_by = {

@@ -29,8 +29,18 @@ SAMPLE_CATALOG = REPO / "configs" / "prompt_sets"
 WEBSERVER = Path(sys.executable).parent / "dagster-webserver"
 STARTUP_DEADLINE_S = 60.0
 
-ASSETS = {"prompt_set_file", "generation_requests", "submitted_generations", "generation_results", "downloaded_videos"}
-CHECKS = {"downloaded_videos": {"videos_match_requests"}, "generation_results": {"no_failed_generations"}}
+ASSETS = {
+    "prompt_set_file",
+    "generation_requests",
+    "submitted_generations",
+    "generation_results",
+    "downloaded_videos",
+    "experiment_table",
+}
+CHECKS = {
+    "downloaded_videos": {"videos_match_requests", "videos_pass_quality_checks"},
+    "generation_results": {"no_failed_generations"},
+}
 
 # Everything the test reads, in one round trip: the code location's load status and, once loaded,
 # its assets (with partition keys from the instance and their checks), sensors and schedules.
