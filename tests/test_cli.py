@@ -91,6 +91,8 @@ def test_in_doubt_creates_are_listed_and_resubmitted_only_when_asked(workdir, em
     result = wan_pipeline(cwd, env, "run", "--deadline", "60")
     assert result.returncode == 1
     assert sum(line.startswith("IN DOUBT launch/") for line in result.stdout.splitlines()) == 2
+    # Nothing was reused: an in-doubt request is not one the ledger already had.
+    assert "launch: 2 generations, 0 newly submitted ($0.0000), 0 reused from the ledger" in result.stdout
     status = wan_pipeline(cwd, env, "status", "launch")
     assert "in_doubt" in status.stdout
 
@@ -216,6 +218,7 @@ def test_a_401_after_one_create_is_reported_with_its_cost_and_collected(workdir,
     assert "launch: 2 generations, 1 newly submitted ($0.5250)" in result.stdout
     assert "rejected the key (401)" in result.stdout and "Bought 1 generation(s) for $0.5250" in result.stdout
     assert "Nothing was created" not in result.stdout
+    assert "Stack Trace" not in result.stderr and "Traceback" not in result.stderr  # one located message
     assert len(list((cwd / "data" / "outputs" / "launch").glob("*.mp4"))) == 1  # what was bought is collected
     assert total_usd(result.stdout) == pytest.approx(0.525)
 

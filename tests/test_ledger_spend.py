@@ -173,3 +173,15 @@ def test_status_shows_every_scope_with_its_totals_the_one_in_use_first(target: L
 def test_status_of_an_empty_ledger_still_ends_with_a_total(target: LedgerTarget) -> None:
     text = format_status(target.open())
     assert text.splitlines()[-1].startswith("total") and usd(text.splitlines()[-1]) == 0
+
+
+def test_a_create_not_settled_yet_is_shown_as_possible_spend(target: LedgerTarget) -> None:
+    # A claimed create whose answer has not been recorded (in flight, or its process was killed) may
+    # be paid for: until the next run settles it, `status` must say so and count it.
+    ledger = target.open()
+    ledger.plan("s", [planned(K1, usd=0.75)])
+    send(ledger, K1)
+    text = format_status(ledger)
+    assert "being created (1), or left mid-create by a process that died" in text and K1 in text
+    total = text.splitlines()[-1]
+    assert total.startswith("total $0.0000") and "1 not settled yet" in total and "up to $0.7500 more" in total

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -13,10 +14,13 @@ import pytest
 from conftest import EMULATOR_API_KEY
 from pipeline_support import TWO_SEEDS, Project, make_project
 
+from wan_pipeline.definitions import build_definitions
 from wan_pipeline.defs import sensors as sensors_module
 from wan_pipeline.emulator import EmulatorConfig, running_emulator
 from wan_pipeline.ledger import State
 from wan_pipeline.media import probe_video
+from wan_pipeline.scopes import api_origin
+from wan_pipeline.settings import load_settings
 
 SET = "launch"
 
@@ -387,3 +391,25 @@ def test_a_video_larger_than_its_request_allows_never_reaches_its_final_name(tmp
         for row in project.ledger.rows(SET):
             assert row.state is State.COMPLETED and "not stored: DownloadTooLarge" in row.error
         assert project.ledger.progress(SET).collected == 0  # still to collect, not counted as stored
+
+
+def test_two_apis_sharing_an_output_folder_keep_both_paid_videos(project: Project, monkeypatch) -> None:
+    project.write_set(f"{SET}.yaml", TWO_SEEDS.replace("[1, 2]", "[1]"))
+    assert run_sensor_path(project).success
+    (first,) = (project.root / "outputs" / SET).glob("*.mp4")
+    first_bytes = first.read_bytes()
+
+    with running_emulator(EmulatorConfig(latency_s=0.3, small_frames=True, identify=False, seed=9)) as other:
+        monkeypatch.setenv("AIMLAPI_BASE_URL", other.base_url)
+        settings = load_settings()
+        elsewhere = dataclasses.replace(project, settings=settings, defs=build_definitions(settings), emulator=other)
+        assert run_sensor_path(elsewhere).success
+        assert other.stats()["accepted_creates"] == 1  # bought again there, for real
+
+    # This API's video took the place; the first API's paid video was moved aside, not overwritten.
+    sidecar = json.loads(first.with_suffix(".json").read_text())
+    assert sidecar["api"]["scope"] == api_origin(other.base_url)
+    (kept,) = (project.root / "outputs" / SET / "by-api" / "emulator").glob("*.mp4")
+    assert kept.name == first.name and kept.read_bytes() == first_bytes
+    (stored,) = project.ledger.stored_videos([first.stem])[first.stem]
+    assert stored.path == str(kept) and project.ledger.progress(SET).collected == 1

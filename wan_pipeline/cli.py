@@ -36,7 +36,7 @@ def open_ledger(settings: Settings) -> Ledger:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from wan_pipeline.catalog import format_reports, load_prompt_set, validate_paths
+    from wan_pipeline.catalog import format_reports, validate_paths
     from wan_pipeline.submission import plan_submission
 
     settings = load_settings()
@@ -49,8 +49,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         ledger = open_ledger(settings)
         print(f"against the ledger ({ledger.scope}):")
         for report in valid:
-            requests = load_prompt_set(report.path, allowed_roots=settings.allowed_roots).requests
-            plan = plan_submission(ledger, report.name, requests, dry_run=True)
+            plan = plan_submission(ledger, report.name, report.prompt_set.requests, dry_run=True)
             print(
                 f"  {report.name}: would newly buy {len(plan.to_submit)} of {report.count} "
                 f"(est. ${plan.estimated_usd:.4f} of ${report.estimated_usd:.4f}); {len(plan.reused)} already bought"

@@ -25,11 +25,11 @@ from upath import UPath
 from wan_pipeline import __version__
 from wan_pipeline.api import ApiError, AsyncAimlApiClient, DownloadExpired
 from wan_pipeline.catalog import CatalogRequest
-from wan_pipeline.ledger import Ledger, LedgerRow, State, StoredVideo, VideoSource
+from wan_pipeline.ledger import IllegalTransition, Ledger, LedgerRow, State, StoredVideo, VideoSource
 from wan_pipeline.media import MediaDecodeError, matches_request, probe_video
 from wan_pipeline.quality import QualityThresholds, assess_video
 from wan_pipeline.safe_text import printable
-from wan_pipeline.scopes import api_origin
+from wan_pipeline.scopes import LEGACY_SCOPE, api_origin
 from wan_pipeline.storage import VideoStore, file_sha256
 
 log = logging.getLogger(__name__)
@@ -184,6 +184,23 @@ async def _download_fresh(
         return await client.download(await _fresh_url(ledger, client, row, report), destination, max_bytes=max_bytes)
 
 
+def _keep_other_apis_video(ledger: Ledger, store: VideoStore, prompt_set: str, key: str, sidecar: dict[str, Any]) -> None:
+    """The set's folder holds this request's video as bought from another API (or before scopes were
+    recorded): a paid video too. Move it aside under `by-api/<scope>/` and tell that scope's ledger,
+    instead of overwriting it with this API's video."""
+    scope = (sidecar.get("api") or {}).get("scope") or LEGACY_SCOPE
+    moved = store.move_aside(prompt_set, key, scope)
+    if moved is None:
+        return
+    video = sidecar.get("video") or {}
+    with contextlib.suppress(IllegalTransition, KeyError, TypeError):
+        ledger.for_scope(scope).record_video(
+            prompt_set, key, path=str(moved), sha256=video["sha256"], size_bytes=video["bytes"],
+            source=VideoSource.COPY if sidecar.get("reused_from") else VideoSource.DOWNLOAD,
+            copied_from_set=(sidecar.get("reused_from") or {}).get("prompt_set"),
+        )
+
+
 def _sidecar_matches(sidecar: dict[str, Any] | None, scope: str) -> bool:
     """A sidecar describes a video bought from this API (one from another API, or from before scopes
     were recorded, is not this purchase's video even under the same request key)."""
@@ -217,9 +234,11 @@ async def _collect_one(
         )
         report.videos.append(CollectedVideo(key, str(video_path), video["sha256"], video["bytes"], video, "kept", quality))
         return
+    if sidecar is not None and not _sidecar_matches(sidecar, ledger.scope):
+        await asyncio.to_thread(_keep_other_apis_video, ledger, store, prompt_set, key, sidecar)
     for copy in copies:
-        if copy.prompt_set == prompt_set:
-            continue
+        if copy.path == str(video_path):
+            continue  # the file that just failed to verify
         copied = await asyncio.to_thread(store.copy_verified, copy.path, prompt_set, key, copy.sha256)
         if copied is None:
             continue  # that copy is gone or changed: try the next, else download

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any
 
 SEED_MAX = 2_147_483_647
@@ -203,8 +204,8 @@ class VideoRequest:
 
     def fields(self) -> dict[str, Any]:
         """The request fields, omitting the optional ones that are unset."""
-        values = asdict(self)
-        values.pop("extra")
+        # Not dataclasses.asdict: it deep-copies, and request keys for 100,000 rows call this often.
+        values = {f.name: getattr(self, f.name) for f in dataclass_fields(self) if f.name != "extra"}
         return {k: v for k, v in values.items() if v is not None}
 
     def with_seed(self, seed: int) -> VideoRequest:

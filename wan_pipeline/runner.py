@@ -23,7 +23,13 @@ from typing import TextIO
 
 import dagster as dg
 
-from wan_pipeline.catalog import discover_prompt_sets, format_reports, load_prompt_set, validate_paths
+from wan_pipeline.catalog import (
+    PromptSet,
+    discover_prompt_sets,
+    format_reports,
+    load_prompt_set,
+    validate_paths,
+)
 from wan_pipeline.defs.sensors import STATES_TAG, collection_run_request
 from wan_pipeline.ledger import Ledger, State
 from wan_pipeline.ledger.reports import spend, spend_by_set
@@ -41,7 +47,9 @@ from wan_pipeline.submission import (
 # The waiting loop stops this long before the deadline (at most a quarter of it), so the videos that
 # are finished can still be collected before the hard wall.
 COLLECT_RESERVE_S = 60.0
-QUIET_LOGGING = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# Step failures are summarized from the ledger and the failure's description; Dagster's own console
+# lines (with stack traces) stay in the instance's event log, where `dagster dev` shows them.
+QUIET_LOGGING = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
 # No pool limit here: a run killed mid-step would hold its `aimlapi` slot forever, and nothing in a
 # local instance frees it (deploy/dagster.yaml sets the limit, with the daemon's run monitoring).
 # The client bounds in-flight API calls itself.
@@ -172,6 +180,32 @@ class PipelineRunner:
         return {name: available[name] for name in names or sorted(available)}
 
     def run(self, options: RunOptions) -> int:
+        """Validate, plan, submit, wait and collect, all inside `--deadline` (a hard wall)."""
+        started = time.monotonic()
+        outcomes: dict[str, SetOutcome] = {}
+        code: int | None = None
+        with hard_deadline(options.deadline_s) as wall:
+            try:
+                code = self._run(options, outcomes, wall, started)
+            except BaseException:
+                # Dagster re-raises an interrupt as its own error type: the alarm says whether it was ours.
+                if not wall.hit:
+                    raise
+        if wall.hit and not outcomes:
+            self.say(f"Stopped at the hard deadline of {options.deadline_s:.0f} s while validating and planning: "
+                     "nothing was submitted.")
+            return 1
+        if wall.hit:
+            for outcome in outcomes.values():
+                outcome.errors.append(f"stopped at the hard deadline of {options.deadline_s:.0f} s, mid-call")
+        elif code is not None:
+            return code
+        self.summarize(outcomes)
+        return 0 if all(o.ok for o in outcomes.values()) else 1
+
+    def _run(self, options: RunOptions, outcomes: dict[str, SetOutcome], wall: Wall, started: float) -> int | None:
+        """An exit code when the run ends before submitting (bad input, dry run, budget); None once
+        `outcomes` is filled in and the summary is due."""
         files = self.select_sets(options.prompt_sets)
         if files is None:
             return 2
@@ -187,7 +221,8 @@ class PipelineRunner:
             self.say("Nothing was submitted: fix the catalog errors above first.")
             return 1
         names = list(files)
-        plans = self.plans(files, options)
+        loaded = {report.name: report.prompt_set for report in reports if report.prompt_set is not None}
+        plans = self.plans(files, options, loaded)
         self.planned_usd = {plan.prompt_set: plan.estimated_usd for plan in plans}
         if options.dry_run:
             self.say_plans(plans)
@@ -201,36 +236,27 @@ class PipelineRunner:
         if missing:
             self.instance.add_dynamic_partitions("prompt_sets", missing)
 
-        outcomes = {name: SetOutcome(name) for name in names}
-        started = time.monotonic()
-        with hard_deadline(options.deadline_s) as wall:
-            try:
-                stop_reason = None
-                for name in names:
-                    if stop_reason or wall.hit:
-                        outcomes[name].errors.append(f"not submitted: {stop_reason or 'the deadline passed'}")
-                        outcomes[name].submission_recorded = False
-                        continue
-                    stop_reason = self.submit(name, options, outcomes[name])
-                if not wall.hit:
-                    self.wait_and_collect(outcomes, options, started)
-            except BaseException:
-                # Dagster re-raises an interrupt as its own error type: the alarm says whether it was ours.
-                if not wall.hit:
-                    raise
-        if wall.hit:
-            for outcome in outcomes.values():
-                outcome.errors.append(f"stopped at the hard deadline of {options.deadline_s:.0f} s, mid-call")
-        self.summarize(outcomes)
-        return 0 if all(o.ok for o in outcomes.values()) else 1
+        outcomes.update({name: SetOutcome(name) for name in names})
+        stop_reason = None
+        for name in names:
+            if stop_reason or wall.hit:
+                outcomes[name].errors.append(f"not submitted: {stop_reason or 'the deadline passed'}")
+                outcomes[name].submission_recorded = False
+                continue
+            stop_reason = self.submit(name, options, outcomes[name])
+        if not wall.hit:
+            self.wait_and_collect(outcomes, options, started)
+        return None
 
-    def plans(self, files: dict[str, Path], options: RunOptions) -> list[SubmissionPlan]:
+    def plans(
+        self, files: dict[str, Path], options: RunOptions, loaded: dict[str, PromptSet]
+    ) -> list[SubmissionPlan]:
         """What each set would buy from the API in use, read from the ledger without writing to it."""
         return [
             plan_submission(
                 self.ledger,
                 name,
-                load_prompt_set(path, allowed_roots=self.settings.allowed_roots).requests,
+                (loaded.get(name) or load_prompt_set(path, allowed_roots=self.settings.allowed_roots)).requests,
                 resubmit_in_doubt=options.resubmit_in_doubt,
                 retry_failed=options.retry_failed,
                 dry_run=True,
@@ -275,7 +301,7 @@ class PipelineRunner:
         if outcome.submission_recorded:
             self.say(
                 f"{name}: {progress.total} generations, {bought.purchases} newly submitted (${bought.usd_spent:.4f}), "
-                f"{progress.total - progress.counts[State.PLANNED] - bought.purchases} reused from the ledger"
+                f"{max(progress.bought - bought.purchases, 0)} reused from the ledger"
             )
         return stop_reason
 
@@ -384,7 +410,7 @@ class PipelineRunner:
             progress = self.ledger.progress(name)
             counts = progress.counts
             new = spend(a for a in run_attempts if a.prompt_set == name)
-            bought_before = progress.total - counts[State.PLANNED] - counts[State.REJECTED] - new.purchases
+            bought_before = progress.bought - new.purchases
             failed = counts[State.FAILED] + counts[State.REJECTED]
             output = f"{self.settings.output_root.rstrip('/')}/{name}/"
             self.say(

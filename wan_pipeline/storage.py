@@ -30,6 +30,8 @@ CHUNK = 1024 * 1024
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 # What the project names as temporaries, and nothing else: `.<file>.<host>-<pid>-<token>.part`.
 TEMPORARY = re.compile(r"\.(?P<name>[\w.-]+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.part")
+# Where a set keeps the videos of a request bought from other APIs than the one now stored in it.
+BY_API = "by-api"
 # A temporary of another host is swept once it is this old (its writer cannot be asked).
 FOREIGN_TEMPORARY_AGE_S = 3600.0
 
@@ -54,6 +56,11 @@ def atomic_writer(destination: str | UPath) -> Iterator[IO[bytes]]:
     finally:
         if partial.exists():
             partial.unlink()
+
+
+def _scope_slug(api_scope: str) -> str:
+    """A folder name for an API scope (`https://api.aimlapi.com` -> `https-api.aimlapi.com`)."""
+    return re.sub(r"[^a-z0-9.]+", "-", api_scope.lower()).strip("-.") or "unknown"
 
 
 def temporary_path(final: UPath) -> UPath:
@@ -146,6 +153,19 @@ class VideoStore:
             with contextlib.suppress(FileNotFoundError):
                 if staged.exists():
                     staged.unlink()
+
+    def move_aside(self, prompt_set: str, request_key: str, api_scope: str) -> UPath | None:
+        """Move a request's video and sidecar bought from another API to `<set>/by-api/<scope>/`, so
+        this API's video can take its place without destroying a paid one. None when there is none."""
+        video, sidecar = self.video_path(prompt_set, request_key), self.sidecar_path(prompt_set, request_key)
+        if not video.exists():
+            return None
+        folder = self.set_dir(prompt_set) / BY_API / _scope_slug(api_scope)
+        folder.mkdir(parents=True, exist_ok=True)
+        video.rename(folder / video.name)
+        if sidecar.exists():
+            sidecar.rename(folder / sidecar.name)
+        return folder / video.name
 
     def sweep(self, prompt_set: str) -> list[str]:
         """Remove what killed writers left in the set's folder (only the project's own temporaries)."""

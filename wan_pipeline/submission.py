@@ -110,6 +110,9 @@ class SubmissionPlan:
     rejected: list[str]  # the API refused them (400): the request must change
     failed: list[str]  # the provider failed them (retried only with retry_failed)
     dry_run: bool = False
+    # Claimed by another process right now, or left mid-create by one that died (a real run settles
+    # those first; a dry run does not write, so it can only say so): not bought here, not reused.
+    claimed: list[str] = field(default_factory=list)
 
     @property
     def estimated_usd(self) -> float:
@@ -118,7 +121,8 @@ class SubmissionPlan:
 
     @property
     def total(self) -> int:
-        return len(self.to_submit) + len(self.reused) + len(self.in_doubt) + len(self.rejected) + len(self.failed)
+        parts = (self.to_submit, self.reused, self.in_doubt, self.rejected, self.failed, self.claimed)
+        return sum(len(part) for part in parts)
 
     def describe(self) -> str:
         """One line: what a run would buy, reuse and leave alone, and its cost."""
@@ -126,7 +130,13 @@ class SubmissionPlan:
             f"{self.prompt_set}: {self.total} generation(s); would newly buy {len(self.to_submit)} "
             f"(estimated ${self.estimated_usd:.4f}), reuse {len(self.reused)} ($0)"
         ]
-        for label, keys in (("in doubt, left alone", self.in_doubt), ("rejected", self.rejected), ("failed", self.failed)):
+        labels = (
+            ("in doubt, left alone", self.in_doubt),
+            ("rejected", self.rejected),
+            ("failed", self.failed),
+            ("being created by another process or left mid-create", self.claimed),
+        )
+        for label, keys in labels:
             if keys:
                 parts.append(f"{len(keys)} {label}")
         return ", ".join(parts)
@@ -203,6 +213,8 @@ def _decide(
             plan.rejected.append(key)
         elif state is State.FAILED:
             plan.failed.append(key)
+        elif state is State.SUBMITTING:
+            plan.claimed.append(key)
         else:
             plan.reused.append((key, state))
     return plan

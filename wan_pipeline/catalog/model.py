@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +96,8 @@ class SetReport:
     estimated_usd: float  # of the valid generations
     problems: list[CatalogProblem]
     price_is_estimate: bool = False  # some generation is priced with an estimated (undocumented) rate
+    # What was loaded, so a caller that validates and then plans does not load the file twice.
+    prompt_set: PromptSet | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:

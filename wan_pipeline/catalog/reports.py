@@ -72,6 +72,7 @@ def _validate_file(path: Path, allowed_roots: Sequence[Path], prices: PriceTable
         price_is_estimate=any(
             prices.is_estimate(r.request.model, r.request.resolution) for r in prompt_set.requests
         ),
+        prompt_set=prompt_set,
     )
 
 

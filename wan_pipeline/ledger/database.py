@@ -55,9 +55,10 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     # Switching a file to WAL takes its lock without waiting for busy_timeout: retry while another
     # connection (a process opening the same fresh ledger) holds it.
     deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    while cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+    while True:
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA journal_mode=WAL")  # answers the mode now in force
+            break  # WAL, or a database that has no WAL (in memory)
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise

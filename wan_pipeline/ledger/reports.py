@@ -28,6 +28,8 @@ class Spend:
     unreported_estimate_usd: float = 0.0
     in_doubt: int = 0  # attempts sent whose outcome is unknown
     in_doubt_estimate_usd: float = 0.0  # what they cost if they were in fact created
+    open: int = 0  # attempts not settled yet: a create in flight, or left by a process that died
+    open_estimate_usd: float = 0.0
     keys: set[str] = field(default_factory=set)  # requests with at least one purchase
 
     def add(self, attempt: AttemptRow) -> None:
@@ -44,6 +46,9 @@ class Spend:
         elif attempt.outcome == AttemptOutcome.IN_DOUBT:
             self.in_doubt += 1
             self.in_doubt_estimate_usd += attempt.estimated_usd or 0.0
+        elif attempt.outcome is None:
+            self.open += 1
+            self.open_estimate_usd += attempt.estimated_usd or 0.0
 
     def describe(self) -> str:
         text = f"${self.usd_spent:.4f} for {self.purchases} purchase(s) ({self.credits_used:,.0f} credits)"
@@ -51,6 +56,11 @@ class Spend:
             text += f"; {self.unreported} with no cost reported (estimated ${self.unreported_estimate_usd:.4f})"
         if self.in_doubt:
             text += f"; {self.in_doubt} in doubt (up to ${self.in_doubt_estimate_usd:.4f} more if created)"
+        if self.open:
+            text += (
+                f"; {self.open} not settled yet (being created, or left by a process that died; up to "
+                f"${self.open_estimate_usd:.4f} more if created)"
+            )
         return text
 
 
@@ -94,13 +104,19 @@ def _set_block(ledger: Ledger, name: str, bought: dict[str, Spend]) -> list[str]
 
 
 def _in_doubt_block(ledger: Ledger, sets: Sequence[str]) -> list[str]:
-    rows = [row for row in ledger.rows(states={State.IN_DOUBT}) if not sets or set(row.prompt_sets) & set(sets)]
-    if not rows:
-        return []
+    in_set = [row for row in ledger.rows(states={State.IN_DOUBT, State.SUBMITTING}) if not sets or set(row.prompt_sets) & set(sets)]
+    claimed = [row for row in in_set if row.state is State.SUBMITTING]
+    rows = [row for row in in_set if row.state is State.IN_DOUBT]
     lines = [
+        f"  being created ({len(claimed)}), or left mid-create by a process that died (the next run settles "
+        "them by their recorded tries): " + ", ".join(row.request_key for row in claimed[:20])
+    ] if claimed else []
+    if not rows:
+        return lines
+    lines.append(
         f"  in doubt ({len(rows)}): may already be paid for; look them up with the provider's support by "
         "client request id, then resubmit with `run --resubmit-in-doubt KEY|SET|all` if they were not created:"
-    ]
+    )
     by_key = {}
     for attempt in ledger.attempts(request_keys=[r.request_key for r in rows]):
         by_key.setdefault(attempt.request_key, []).append(attempt)

@@ -195,6 +195,11 @@ class SetProgress:
         return sum(self.counts[s] for s in PENDING)
 
     @property
+    def bought(self) -> int:
+        """Members whose current attempt the provider accepted (whatever became of it since)."""
+        return sum(self.counts[s] for s in (*PENDING_REMOTE, State.COMPLETED, State.FAILED))
+
+    @property
     def uncollected(self) -> int:
         return self.counts[State.COMPLETED] - self.collected
 
