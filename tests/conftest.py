@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from ledger_worker import Clock, LedgerTarget, ledger_target
 
 from wan_pipeline.api import ClientConfig
 from wan_pipeline.emulator import EmulatorConfig, FaultConfig, running_emulator
+from wan_pipeline.ledger import Ledger
 from wan_pipeline.settings import Secret
 
 EMULATOR_API_KEY = "sk-test-emulator-4f9c2d7e1a"
@@ -49,3 +52,26 @@ def client_config(emulator: Any) -> ClientConfig:
         poll_max_interval_s=0.5,
         expected_seconds=EMULATOR_LATENCY_S,
     )
+
+
+# Ledger tests run on SQLite and on PostgreSQL (WAN_PIPELINE_TEST_POSTGRES_URL; each test in its own schema).
+LEDGER_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=LEDGER_BACKENDS)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
+    """Where a test ledger lives: a SQLite file, or a throwaway PostgreSQL schema."""
+    with ledger_target(request.param, tmp_path) as where:
+        yield where
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def ledger(target: LedgerTarget, clock: Clock) -> Iterator[Ledger]:
+    opened = target.open(clock=clock)
+    yield opened
+    opened.close()

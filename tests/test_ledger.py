@@ -13,7 +13,7 @@ import json
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -50,24 +50,6 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 WORKER = Path(__file__).with_name("ledger_worker.py")
 REPO = Path(__file__).resolve().parents[1]
 RAW_TO_STATUS = {"queued": "pending", "generating": "pending", "completed": "completed", "error": "failed"}
-
-
-@pytest.fixture(params=BACKENDS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
-    with ledger_target(request.param, tmp_path) as where:
-        yield where
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ledger(target: LedgerTarget, clock: Clock) -> Iterator[Ledger]:
-    opened = target.open(clock=clock)
-    yield opened
-    opened.close()
 
 
 def key(n: int) -> str:

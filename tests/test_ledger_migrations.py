@@ -24,7 +24,6 @@ from ledger_worker import (
     POSTGRES_URL_ENV,
     LedgerTarget,
     claim,
-    ledger_target,
     planned,
     wait_for,
 )
@@ -91,12 +90,6 @@ def old_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledge
         yield LedgerTarget(url, schema)
     finally:
         _drop_schema(url, schema)
-
-
-@pytest.fixture(params=BACKENDS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
-    with ledger_target(request.param, tmp_path) as where:
-        yield where
 
 
 def revision(where: LedgerTarget) -> str | None:

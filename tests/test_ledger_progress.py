@@ -6,12 +6,10 @@ this scope never planned counts as planned; the fingerprint changes whenever a s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
-from ledger_worker import T0, Clock, LedgerTarget, answer, ledger_target, planned, send, submit
+from ledger_worker import T0, Clock, LedgerTarget, answer, planned, send, submit
 
 from wan_pipeline.ledger import COLLECT_EARLY_AFTER, Ledger, State
 
@@ -20,24 +18,6 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 def key(n: int) -> str:
     return f"{n:032x}"
-
-
-@pytest.fixture(params=BACKENDS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
-    with ledger_target(request.param, tmp_path) as where:
-        yield where
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ledger(target: LedgerTarget, clock: Clock) -> Iterator[Ledger]:
-    opened = target.open(clock=clock)
-    yield opened
-    opened.close()
 
 
 def complete(ledger: Ledger, k: str) -> None:

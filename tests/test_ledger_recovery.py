@@ -24,7 +24,6 @@ from ledger_worker import (
     claim,
     client_request_id,
     generation_id,
-    ledger_target,
     planned,
     send,
     wait_for,
@@ -37,12 +36,6 @@ BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 WORKER = Path(__file__).with_name("ledger_worker.py")
 REPO = Path(__file__).resolve().parents[1]
 KEY = "ab" * 16
-
-
-@pytest.fixture(params=BACKENDS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
-    with ledger_target(request.param, tmp_path) as where:
-        yield where
 
 
 @pytest.fixture

@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
-from ledger_worker import T0, LedgerTarget, answer, claim, ledger_target, planned, send, submit
+from ledger_worker import T0, LedgerTarget, answer, claim, planned, send, submit
 
 from wan_pipeline import scopes
 from wan_pipeline.ledger import KnownRequest, Ledger, State
@@ -22,12 +20,6 @@ from wan_pipeline.scopes import EMULATOR_SCOPE, api_origin, api_scope
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 REAL = "https://api.aimlapi.com"
 K1, K2 = "11" * 16, "22" * 16
-
-
-@pytest.fixture(params=BACKENDS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
-    with ledger_target(request.param, tmp_path) as where:
-        yield where
 
 
 def complete(ledger: Ledger, key: str, prompt_set: str) -> None:

@@ -9,8 +9,6 @@ provider's support needs, shows every scope (the ledger's own first) and ends wi
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from ledger_worker import (
@@ -19,7 +17,6 @@ from ledger_worker import (
     LedgerTarget,
     answer,
     generation_id,
-    ledger_target,
     planned,
     send,
     submit,
@@ -31,12 +28,6 @@ from wan_pipeline.ledger.reports import format_status, spend, spend_by_set
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 REAL = "https://api.aimlapi.com"
 K1, K2, K3, K4 = ("11" * 16, "22" * 16, "33" * 16, "44" * 16)
-
-
-@pytest.fixture(params=BACKENDS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
-    with ledger_target(request.param, tmp_path) as where:
-        yield where
 
 
 def fail(ledger: Ledger, key: str) -> None:

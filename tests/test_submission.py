@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from ledger_worker import LedgerTarget, ledger_target, wait_for
+from ledger_worker import LedgerTarget, wait_for
 from PIL import Image
 
 from wan_pipeline.api import (
@@ -74,12 +74,6 @@ def client_config(emulator: Any) -> ClientConfig:
         backoff_max_s=0.02,
         expected_seconds=20.0,
     )
-
-
-@pytest.fixture(params=BACKENDS)
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LedgerTarget]:
-    with ledger_target(request.param, tmp_path) as where:
-        yield where
 
 
 @pytest.fixture

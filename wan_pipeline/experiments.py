@@ -50,6 +50,7 @@ from wan_pipeline.quality import Closeness, QualityThresholds, closeness
 from wan_pipeline.safe_text import printable
 from wan_pipeline.sources import MediaError, resolve_local_path
 from wan_pipeline.storage import VideoStore, atomic_writer, file_sha256, temporary_path
+from wan_pipeline.submission import try_recorder
 
 TABLE_NAME = "experiment"
 QUALITY_COLUMNS = (
@@ -556,14 +557,11 @@ def reproduce(
     sent: list[int] = []
     result = ReproductionResult(plan)
 
-    def on_try(event: Any) -> None:
-        if event.phase == "sending":
-            ledger.reproduction_try_sending(key, attempt, event.try_number, event.client_request_id, claim)
-            sent.append(event.try_number)
-        elif event.created is not True:
-            ledger.reproduction_try_answered(
-                key, attempt, event.try_number, TryAnswer(event.created, event.status_code, printable(event.detail))
-            )
+    on_try = try_recorder(
+        lambda number, request_id: ledger.reproduction_try_sending(key, attempt, number, request_id, claim),
+        lambda number, answer: ledger.reproduction_try_answered(key, attempt, number, answer),
+        sent,
+    )
 
     if plan.resume_generation_id is not None:
         result.generation_id = plan.resume_generation_id

@@ -249,6 +249,24 @@ def plan_submission(
     return _decide(prompt_set, unique, known, selection, retry_failed, dry_run)
 
 
+def try_recorder(
+    sending: Callable[[int, str], None], answered: Callable[[int, TryAnswer], None], sent: list[int]
+) -> Callable[[CreateTry], None]:
+    """The client's `on_try` hook, called in a worker thread: `sending(try, client request id)` before
+    each try is sent (its number then goes to `sent`), `answered(try, answer)` once a try's answer is
+    judged not to have created anything, or maybe to have, before any retry wait. An accepted create
+    is recorded by the caller, with everything its answer carried."""
+
+    def on_try(event: CreateTry) -> None:
+        if event.phase == "sending":
+            sending(event.try_number, event.client_request_id)
+            sent.append(event.try_number)
+        elif event.created is not True:
+            answered(event.try_number, TryAnswer(event.created, event.status_code, printable(event.detail)))
+
+    return on_try
+
+
 def _media_roots(request: CatalogRequestLike, extra_roots: Sequence[Path]) -> tuple[Path, ...]:
     """Where the client may read this request's local media: the roots its catalog was validated with."""
     return tuple(allowed_roots_for(Path(request.source_file), extra_roots))
@@ -294,18 +312,11 @@ async def submit_planned(
             claim = AttemptClaim(plan.prompt_set, item.reason, run_id)
             sent: list[int] = []  # try numbers sent
 
-            def on_try(event: CreateTry) -> None:
-                # Called by the client in a worker thread: before each try is sent, and once each try's
-                # answer is judged (before any retry wait). An accepted create is recorded below, with
-                # everything its answer carried, in the same transaction as its try's answer.
-                if event.phase == "sending":
-                    ledger.try_sending(key, attempt, event.try_number, event.client_request_id, claim)
-                    sent.append(event.try_number)
-                elif event.created is not True:
-                    ledger.try_answered(
-                        key, attempt, event.try_number,
-                        TryAnswer(event.created, event.status_code, printable(event.detail)),
-                    )
+            on_try = try_recorder(
+                lambda number, request_id: ledger.try_sending(key, attempt, number, request_id, claim),
+                lambda number, answer: ledger.try_answered(key, attempt, number, answer),
+                sent,
+            )
 
             try:
                 generation = await client.submit(
