@@ -24,6 +24,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,6 +73,7 @@ GRID_FIELDS = (
 )
 MAX_ROWS, MAX_COLUMNS = 8, 8  # cells per page
 CELL_WIDTH, ROW_LABEL_WIDTH, HEADER_HEIGHT, LABEL_HEIGHT, MARGIN = 240, 200, 36, 18, 4
+DECODE_WORKERS = 4  # cell frames decoded at once while a comparison page is drawn
 BACKGROUND, TEXT, FAIL, MISSING = (24, 24, 24), (235, 235, 235), (220, 40, 40), (90, 90, 90)
 
 
@@ -326,17 +328,19 @@ def render_comparison_page(page: SheetPage, *, cell_width: int = CELL_WIDTH) -> 
                 break
         for number, line in enumerate(lines):
             draw.text((MARGIN, top + MARGIN + number * 14), line, fill=TEXT, font=font)
-    for cell in page.cells:
+    # Decoding a cell's frame is most of a page's time, and PyAV releases the GIL while it decodes:
+    # the page's cells are decoded a few at a time (a page is bounded, so is the memory).
+    with ThreadPoolExecutor(DECODE_WORKERS) as pool:
+        pictures = list(pool.map(lambda cell: _cell_frame(cell.video_path, inner, frame_height), page.cells))
+    for cell, picture in zip(page.cells, pictures, strict=True):
         x = left + cell.column * cell_width + MARGIN
         y = HEADER_HEIGHT + cell.row * cell_height + MARGIN
-        picture = _cell_frame(cell.video_path, inner, frame_height)
         if picture is None:
             draw.rectangle((x, y, x + inner - 1, y + frame_height - 1), fill=MISSING)
             draw.text((x + inner / 2, y + frame_height / 2), cell.state if cell.state != "completed" else "no video",
                       fill=TEXT, font=font, anchor="mm")
         else:
             sheet.paste(picture, (x + (inner - picture.width) // 2, y + (frame_height - picture.height) // 2))
-            del picture
         if cell.failing:
             draw.rectangle((x - 2, y - 2, x + inner + 1, y + frame_height + 1), outline=FAIL, width=3)
             reason = ", ".join(f.split(":")[0] for f in cell.failures) or cell.state
