@@ -64,21 +64,11 @@ def seed(root: Path) -> None:
     import dagster as dg
 
     from wan_pipeline.definitions import build_definitions
+    from wan_pipeline.defs.sensors import evaluate_sensor
     from wan_pipeline.emulator import EmulatorConfig, running_emulator
     from wan_pipeline.settings import load_settings
 
     catalog = root / "configs" / "prompt_sets"
-
-    def tick(defs, instance, name: str, cursor: str | None) -> dg.SensorResult:
-        with dg.build_sensor_context(
-            instance=instance, cursor=cursor, definitions=defs, sensor_name=name, resources=defs.resources
-        ) as context:
-            result = defs.resolve_sensor_def(name)(context)
-        for request in result.dynamic_partitions_requests or []:
-            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-        for event in result.asset_events or []:
-            instance.report_runless_asset_event(event)
-        return result
 
     with dg.DagsterInstance.get() as instance:
         fast = EmulatorConfig(latency_s=0.5, api_key=API_KEY, small_frames=True)
@@ -88,7 +78,7 @@ def seed(root: Path) -> None:
             defs = build_definitions(load_settings())
             for name in ("product_shots", "edited", "broken"):
                 (catalog / f"{name}.yaml").write_text(SET_TWO.replace("[1, 2]", {"product_shots": "[1, 2]", "edited": "[7]", "broken": "[8]"}[name]))
-            cursor = tick(defs, instance, "prompt_set_sensor", None).cursor
+            cursor = evaluate_sensor(defs, instance, "prompt_set_sensor", None).cursor
             submit = defs.resolve_job_def("submit_prompt_set")
             collect = defs.resolve_job_def("collect_prompt_set")
             for name in ("product_shots", "edited", "broken"):
@@ -97,7 +87,7 @@ def seed(root: Path) -> None:
             deadline = time.monotonic() + 60
             collected: set[str] = set()
             while collected != {"product_shots", "edited", "broken"} and time.monotonic() < deadline:
-                result = tick(defs, instance, "generation_completion_sensor", sensor_cursor)
+                result = evaluate_sensor(defs, instance, "generation_completion_sensor", sensor_cursor)
                 sensor_cursor = result.cursor
                 for request in result.run_requests:
                     collect.execute_in_process(
@@ -110,18 +100,18 @@ def seed(root: Path) -> None:
             (catalog / "edited.yaml").write_text(SET_TWO.replace("[1, 2]", "[7, 9]"))
             (catalog / "broken.yaml").write_text(SET_TWO.replace("720p", "480p").replace("prompt:", "promt:"))
             (catalog / "Bad Name.csv").write_text("image,prompt\n../../data/images/mug.png,A pan\n")
-            tick(defs, instance, "prompt_set_sensor", cursor)
+            evaluate_sensor(defs, instance, "prompt_set_sensor", cursor)
         slow = EmulatorConfig(latency_s=3600.0, api_key=API_KEY, small_frames=True)
         with running_emulator(slow) as emulator:
             os.environ["AIMLAPI_BASE_URL"] = emulator.base_url
             os.environ["WAN_PIPELINE_EXPECTED_SECONDS"] = "180"  # what the real API takes: a pending set
             defs = build_definitions(load_settings())
             (catalog / "spring_campaign.yaml").write_text(SET_THREE)
-            tick(defs, instance, "prompt_set_sensor", None)
+            evaluate_sensor(defs, instance, "prompt_set_sensor", None)
             defs.resolve_job_def("submit_prompt_set").execute_in_process(
                 instance=instance, partition_key="spring_campaign", raise_on_error=False
             )
-            tick(defs, instance, "generation_completion_sensor", sensor_cursor)
+            evaluate_sensor(defs, instance, "generation_completion_sensor", sensor_cursor)
 
 
 def wait_until_loaded(base_url: str, process: subprocess.Popen, deadline_s: float = 90.0) -> None:

@@ -25,6 +25,7 @@ from pipeline_support import SAMPLE_IMAGES, TWO_SEEDS
 from test_webserver_smoke import REPO, WEBSERVER, free_port, query_until_loaded, stop_process_group
 
 from wan_pipeline.definitions import build_definitions
+from wan_pipeline.defs.sensors import evaluate_sensor
 from wan_pipeline.emulator import EmulatorConfig, running_emulator
 from wan_pipeline.settings import load_settings
 
@@ -111,18 +112,6 @@ def wait_for_run(client: httpx.Client, run_id: str, log_path: Path) -> dict[str,
     pytest.fail(f"run {run_id} did not finish within {RUN_DEADLINE_S:.0f} s")
 
 
-def tick(defs: dg.Definitions, instance: dg.DagsterInstance, name: str, cursor: str | None) -> dg.SensorResult:
-    with dg.build_sensor_context(
-        instance=instance, cursor=cursor, definitions=defs, sensor_name=name, resources=defs.resources
-    ) as context:
-        result = defs.resolve_sensor_def(name)(context)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    for event in result.asset_events or []:
-        instance.report_runless_asset_event(event)
-    return result
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_the_ui_path_launch_see_pending_and_cost_then_collect(tmp_path: Path, monkeypatch) -> None:
@@ -156,7 +145,7 @@ def test_the_ui_path_launch_see_pending_and_cost_then_collect(tmp_path: Path, mo
         port = free_port()
         log_path = tmp_path / "webserver.log"
         with dg.DagsterInstance.from_config(str(home)) as instance, log_path.open("wb") as log:
-            tick(defs, instance, "prompt_set_sensor", None)  # the new file becomes a partition
+            evaluate_sensor(defs, instance, "prompt_set_sensor", None)  # the new file becomes a partition
             process = subprocess.Popen(
                 [str(WEBSERVER), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
                 cwd=REPO, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -174,7 +163,7 @@ def test_the_ui_path_launch_see_pending_and_cost_then_collect(tmp_path: Path, mo
                     assert emulator.stats()["accepted_creates"] == 2
 
                     # 2. The completion sensor's tick: pending counts on the asset page.
-                    first = tick(defs, instance, "generation_completion_sensor", None)
+                    first = evaluate_sensor(defs, instance, "generation_completion_sensor", None)
                     assert not first.run_requests
                     asset = graphql(
                         client, OBSERVATIONS, assetKey={"path": ["generation_results"]}, partitions=[SET]
@@ -190,7 +179,7 @@ def test_the_ui_path_launch_see_pending_and_cost_then_collect(tmp_path: Path, mo
                     # 3. Once terminal, the sensor asks for a collection; the daemon would launch it.
                     cursor, deadline = first.cursor, time.monotonic() + RUN_DEADLINE_S
                     while True:
-                        result = tick(defs, instance, "generation_completion_sensor", cursor)
+                        result = evaluate_sensor(defs, instance, "generation_completion_sensor", cursor)
                         cursor = result.cursor
                         if result.run_requests or time.monotonic() > deadline:
                             break

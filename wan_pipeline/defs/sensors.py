@@ -258,3 +258,19 @@ catalog_automation_sensor = dg.AutomationConditionSensorDefinition(
     description="Refreshes generation_requests (validation only, costs nothing) when its prompt-set file "
     "changes or a new set appears. Submitting stays manual (or the schedule / opt-in auto-submit).",
 )
+
+
+def evaluate_sensor(
+    defs: dg.Definitions, instance: dg.DagsterInstance, name: str, cursor: str | None
+) -> dg.SensorResult:
+    """One tick of sensor `name` on `instance`, its partition requests and asset events applied as the
+    daemon applies them (run requests are left to the caller). For scripts and tests without a daemon."""
+    with dg.build_sensor_context(
+        instance=instance, cursor=cursor, definitions=defs, sensor_name=name, resources=defs.resources
+    ) as context:
+        result = defs.resolve_sensor_def(name)(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    for event in result.asset_events or []:
+        instance.report_runless_asset_event(event)
+    return result
