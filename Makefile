@@ -36,6 +36,7 @@ screenshots: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check wan_pipeline tests benchmarks
+	$(BIN)/hadolint Dockerfile
 
 # Re-resolve the pinned versions (needs uv: `pip install uv`).
 lock:
