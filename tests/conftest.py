@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from ledger_worker import Clock, LedgerTarget, ledger_target
+from psycopg2 import sql
+from sqlalchemy.engine import make_url
 
 from wan_pipeline.api import ClientConfig
 from wan_pipeline.emulator import EmulatorConfig, FaultConfig, running_emulator
@@ -75,3 +80,23 @@ def ledger(target: LedgerTarget, clock: Clock) -> Iterator[Ledger]:
     opened = target.open(clock=clock)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """The URL of a database created for this test and dropped (with its connections) afterwards."""
+    admin_url = os.environ.get("WAN_PIPELINE_TEST_POSTGRES_URL")
+    if not admin_url:
+        pytest.skip("WAN_PIPELINE_TEST_POSTGRES_URL not set")
+    name = f"wan_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(admin_url)
+    admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        with admin.cursor() as cursor:
+            # FORCE: the ledger's cached engine and Dagster's event watcher may still hold connections.
+            cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        admin.close()

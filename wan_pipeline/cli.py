@@ -87,12 +87,22 @@ def cmd_emulator(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def api_environment(*, latency_s: float | None = None, force_emulator: bool = False) -> Iterator[str]:
+def api_environment(
+    *, latency_s: float | None = None, force_emulator: bool = False, steps_elsewhere: bool = False
+) -> Iterator[str]:
     """Point the pipeline at the real API when a key is set, else at an embedded emulator.
 
-    Yields a one-line description of the API in use (never the key).
+    Yields a one-line description of the API in use (never the key). `steps_elsewhere`: steps run in
+    processes that see only their own environment (celery workers), so neither the embedded emulator
+    (on this process's loopback, for its lifetime) nor the variables set here would reach them.
     """
     settings = load_settings()
+    if steps_elsewhere and (settings.api_key is None or not settings.base_url_explicit):
+        raise SettingsError(
+            "WAN_PIPELINE_EXECUTOR=celery runs steps on workers that see only their own environment: set "
+            "AIMLAPI_BASE_URL and AIMLAPI_API_KEY here and on every worker (for a shared emulator, "
+            "`wan-pipeline emulator`); an embedded emulator would exist only in this process"
+        )
     if not force_emulator and (settings.api_key is not None or settings.base_url_explicit):
         if settings.api_key is None:
             os.environ["AIMLAPI_API_KEY"] = EMULATOR_KEY
@@ -122,6 +132,7 @@ def run_pipeline(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from wan_pipeline.definitions import build_definitions
+    from wan_pipeline.defs.executors import uses_celery
     from wan_pipeline.runner import PipelineRunner, RunOptions, ensure_dagster_home
     from wan_pipeline.submission import InDoubtSelection
 
@@ -134,6 +145,9 @@ def run_pipeline(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
     )
     settings = load_settings()
+    if uses_celery():
+        print("note: `run` executes every step in this process; WAN_PIPELINE_EXECUTOR=celery applies to runs "
+              "that the daemon or the UI launch", flush=True)
     if options.dry_run:  # no Dagster instance is opened or created: a dry run leaves nothing behind
         return PipelineRunner(build_definitions(settings), None, settings).run(options)
     ensure_dagster_home(PROJECT_DIR)
@@ -165,11 +179,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
+    from wan_pipeline.defs.executors import describe, uses_celery
     from wan_pipeline.runner import ensure_dagster_home
 
     ensure_dagster_home(PROJECT_DIR)
-    with api_environment(latency_s=args.latency) as description:
+    with api_environment(latency_s=args.latency, steps_elsewhere=uses_celery()) as description:
         print(description, flush=True)
+        print(describe(), flush=True)
         command = [sys.executable, "-m", "dagster", "dev", "-w", "workspace.yaml", "-h", args.host, "-p", str(args.port)]
         env = {**os.environ, "DAGSTER_DISABLE_TELEMETRY": "1"}
         try:

@@ -12,6 +12,7 @@ from wan_pipeline.defs.assets import (
     submitted_generations,
 )
 from wan_pipeline.defs.checks import no_failed_generations, videos_match_requests
+from wan_pipeline.defs.executors import job_executor
 from wan_pipeline.defs.experiments import experiment_table
 from wan_pipeline.defs.io import ParquetIOManager
 from wan_pipeline.defs.jobs import collect_job, submit_job
@@ -41,6 +42,8 @@ def build_definitions(settings: Settings | None = None) -> dg.Definitions:
         jobs=[submit_job, collect_job],
         sensors=[prompt_set_sensor, generation_completion_sensor, catalog_automation_sensor],
         schedules=[production_schedule],
+        # Dagster's default, or dagster-celery workers with WAN_PIPELINE_EXECUTOR=celery (defs/executors.py).
+        executor=job_executor(),
         resources={
             # The key is resolved from the environment at run time and never stored in config.
             "aimlapi": AimlApiResource(
