@@ -25,6 +25,7 @@ BENCHMARKS = (
     ("bench_polling.py", 300, 90),
     ("bench_submit.py", 420, 90),
     ("bench_sensor.py", 600, 90),
+    ("bench_ratelimit.py", 420, 90),
     ("bench_download.py", 300, 90),
     ("bench_catalog.py", 240, 90),
     ("bench_quality.py", 240, 60),

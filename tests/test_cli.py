@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -127,6 +128,29 @@ def test_running_out_of_credits_stops_submitting_and_still_collects_what_was_bou
     assert "out of credits" in result.stdout
     assert sum(line.startswith("NOT SUBMITTED launch/") for line in result.stdout.splitlines()) == 1
     assert len(list((cwd / "data" / "outputs" / "launch").glob("*.mp4"))) == 1  # the one bought
+
+
+def test_an_exhausted_quota_stops_the_run_with_the_time_and_the_next_run_continues(workdir, emulator) -> None:
+    cwd, env = workdir
+    emulator.update_faults(create_quota=1)  # the free tier's hourly quota: one create this hour
+    result = wan_pipeline(cwd, env, "run", "--deadline", "120")
+
+    assert result.returncode == 75, result.stdout + result.stderr  # EX_TEMPFAIL: try again later
+    assert emulator.stats()["accepted_creates"] == 1 and emulator.stats()["create_429s"]["quota"] >= 1
+    (stop,) = [line for line in result.stdout.splitlines() if line.startswith("RATE LIMITED launch:")]
+    until = emulator.stats()["limits"]["quota_window_ends_at"]
+    shown = datetime.strptime(stop.split("until ")[1][:19], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+    assert abs(shown.timestamp() - until) <= 2  # the absolute UTC time the provider gave
+    assert "1 left planned (a 429 creates nothing: not charged, not in doubt)" in stop
+    assert "IN DOUBT" not in result.stdout
+    assert len(list((cwd / "data" / "outputs" / "launch").glob("*.mp4"))) == 1  # the one bought is collected
+
+    emulator.update_faults(create_quota=None)  # the next hour
+    resumed = wan_pipeline(cwd, env, "run", "--deadline", "120")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "launch: 2 generations, 1 newly submitted" in resumed.stdout
+    assert emulator.stats()["accepted_creates"] == 2
+    assert sorted(emulator.stats()["creates_by_body_hash"].values()) == [1, 1]
 
 
 def test_a_rejected_key_is_named_and_nothing_is_bought_or_collected(workdir, emulator) -> None:

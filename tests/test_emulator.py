@@ -706,3 +706,107 @@ def test_python_dash_m_serves_the_emulator():
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# -- the provider's create rate limit and the free tier's quota -------------------------------------
+
+
+def refill_seconds(answer: httpx.Response) -> float:
+    return float(answer.headers["retry-after"])
+
+
+# One token every 10 s, three in the bucket: the test is over long before a fourth one refills.
+@pytest.mark.parametrize(
+    "emulator_client", [fast(faults=FaultConfig(create_rate_limit_per_s=0.1, create_burst=3))], indirect=True
+)
+def test_the_token_bucket_answers_429_with_the_seconds_until_the_next_token(emulator_client):
+    emu, client = emulator_client
+    codes = [client.post(PATH, json=body(seed=n, image_url="https://example.com/a.png")).status_code for n in range(3)]
+    refused = client.post(PATH, json=body(seed=9, image_url="https://example.com/a.png"))
+
+    assert codes == [200, 200, 200]
+    payload = assert_provider_error(refused, 429)
+    assert payload == payload | {"message": "Too Many Requests", "statusCode": "429"}
+    assert 9.0 < refill_seconds(refused) <= 10.0  # the wait for one token at 0.1 per second
+    stats = emu.stats()
+    assert stats["accepted_creates"] == 3
+    assert stats["create_429s"] == {"fault": 0, "rate_limit": 1, "quota": 0}
+    assert stats["requests"]["POST /v2/video/generations"] == {"200": 3, "429": 1}
+    assert 0 <= stats["limits"]["rate_limit_tokens"] < 1
+
+
+@pytest.mark.parametrize(
+    "emulator_client", [fast(faults=FaultConfig(create_rate_limit_per_s=0.1, create_burst=3))], indirect=True
+)
+def test_concurrent_creates_cannot_all_take_the_last_tokens(emulator_client):
+    # The bucket is checked and emptied in the same step as the create: eight at once buy three.
+    emu, client = emulator_client
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(
+            lambda n: client.post(PATH, json=body(seed=n, image_url="https://example.com/a.png")), range(8)
+        ))
+    assert sorted(a.status_code for a in answers) == [200] * 3 + [429] * 5
+    assert all("retry-after" in a.headers for a in answers if a.status_code == 429)
+    assert emu.stats()["accepted_creates"] == 3 and emu.stats()["create_429s"]["rate_limit"] == 5
+
+
+def test_without_a_burst_the_bucket_holds_one_seconds_worth():
+    assert FaultConfig(create_rate_limit_per_s=20).bucket_size == 20
+    assert FaultConfig(create_rate_limit_per_s=0.5).bucket_size == 1
+    assert FaultConfig(create_rate_limit_per_s=20, create_burst=5).bucket_size == 5
+    for bad in ({"create_rate_limit_per_s": 0}, {"create_burst": 0}, {"create_quota": -1},
+                {"create_quota_window_s": 0}):
+        with pytest.raises(ValueError):
+            FaultConfig(**bad)
+
+
+@pytest.mark.parametrize("emulator_client", [fast(faults=FaultConfig(create_quota=2))], indirect=True)
+def test_the_hourly_quota_answers_429_with_retry_after_up_to_the_hours_end(emulator_client):
+    emu, client = emulator_client
+    codes = [client.post(PATH, json=body(seed=n, image_url="https://example.com/q.png")).status_code for n in range(2)]
+    refused = client.post(PATH, json=body(seed=5, image_url="https://example.com/q.png"))
+    invalid = client.post(PATH, json=body(duration=7))  # validated before the quota: still a 400
+
+    assert codes == [200, 200] and invalid.status_code == 400
+    payload = assert_provider_error(refused, 429)
+    assert payload["statusCode"] == "429" and payload["message"] == "Too Many Requests"
+    wait = refused.headers["retry-after"]
+    assert wait.isdigit() and 3500 <= int(wait) <= 3600  # whole seconds, until the window's end
+    stats = emu.stats()
+    assert stats["accepted_creates"] == 2 and stats["create_429s"] == {"fault": 0, "rate_limit": 0, "quota": 1}
+    assert stats["limits"]["quota_used"] == 2
+    assert stats["limits"]["quota_window_ends_at"] - time.time() == pytest.approx(int(wait), abs=2)
+
+
+@pytest.mark.parametrize(
+    "emulator_client", [fast(faults=FaultConfig(create_quota=1, create_quota_window_s=4.0))], indirect=True
+)
+def test_the_quota_comes_back_with_the_next_window(emulator_client):
+    emu, client = emulator_client
+    first = client.post(PATH, json=body(seed=1, image_url="https://example.com/q.png"))
+    refused = client.post(PATH, json=body(seed=2, image_url="https://example.com/q.png"))
+    assert (first.status_code, refused.status_code) == (200, 429)
+    assert 1 <= int(refused.headers["retry-after"]) <= 4
+    time.sleep(max(0.0, emu.stats()["limits"]["quota_window_ends_at"] - time.time()) + 0.05)
+    assert client.post(PATH, json=body(seed=2, image_url="https://example.com/q.png")).status_code == 200
+    assert emu.stats()["accepted_creates"] == 2 and emu.stats()["limits"]["quota_used"] == 1
+
+
+def test_injected_429s_are_counted_apart_from_the_limits():
+    with running_emulator(fast(faults=FaultConfig(create_429_rate=1.0))) as emu:
+        with httpx.Client(base_url=emu.base_url, headers=AUTH) as client:
+            assert client.post(PATH, json=body()).status_code == 429
+        assert emu.stats()["create_429s"] == {"fault": 1, "rate_limit": 0, "quota": 0}
+        assert emu.stats()["limits"] == {}
+
+
+def test_cli_flags_set_the_rate_limit_and_the_quota():
+    parser = add_cli_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(
+        ["--create-rate-limit-per-s", "20", "--create-burst", "5", "--create-quota", "100"]
+        + ["--create-quota-window-s", "60"]
+    )
+    assert config_from_args(args).faults == FaultConfig(
+        create_rate_limit_per_s=20.0, create_burst=5, create_quota=100, create_quota_window_s=60.0
+    )
+    assert config_from_args(parser.parse_args([])).faults.create_rate_limit_per_s is None

@@ -39,6 +39,8 @@ from wan_pipeline.api import (
     Sleep,
     TransportError,
 )
+from wan_pipeline.api.pacing import Ticket
+from wan_pipeline.api.protocol import AwaitTurn
 from wan_pipeline.models import VideoRequest
 from wan_pipeline.sources import MediaChanged, MediaError
 
@@ -76,12 +78,14 @@ class Script:
         return [action.event for action in self.actions if isinstance(action, NotifyTry)]
 
     def kinds(self) -> list[str]:
-        names = {HttpCall: "call", FetchTo: "fetch", Sleep: "sleep"}
+        """The actions in order; a create's turn shows as the retry wait it carries ("sleep"), if any."""
+        names = {HttpCall: "call", FetchTo: "fetch", Sleep: "sleep", AwaitTurn: "sleep"}
         return [
             f"{action.event.phase}.{action.event.try_number}"
             if isinstance(action, NotifyTry)
             else names[type(action)]
             for action in self.actions
+            if not (isinstance(action, AwaitTurn) and action.not_before_s == 0)
         ]
 
     def run(self, steps: Any) -> Any:
@@ -96,6 +100,9 @@ class Script:
             outcome, error = None, None
             if isinstance(action, Sleep):
                 self.clock.now += action.seconds
+            elif isinstance(action, AwaitTurn):  # no pacer: the turn is the retry's own wait
+                self.clock.now += action.not_before_s
+                outcome = Ticket(self.clock.now)
             elif isinstance(action, HttpCall | FetchTo):
                 answer = next(self.answers)
                 if isinstance(answer, BaseException):

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -463,3 +464,62 @@ def test_a_create_the_ledger_fails_to_record_keeps_its_generation_id(
     assert row.state is State.SUBMITTED and row.generation_id == generation_id  # kept, not lost
     again = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
     assert again.new == 0 and create_calls(emulator) == 1
+
+
+# -- the provider's rate limit and quota ----------------------------------------------------------------
+
+
+def test_a_run_rides_the_rate_limit_and_buys_everything_once(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", list(range(1, 25)))
+    emulator.update_faults(create_rate_limit_per_s=20.0, create_burst=4)
+    patient = dataclasses.replace(client_config, max_attempts=10, max_retry_seconds=30.0)
+    report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(patient), "harbour", requests)
+
+    stats = emulator.stats()
+    assert (report.new, report.in_doubt, report.failed_to_submit, report.stopped_by) == (24, [], [], None)
+    assert sorted(creates(emulator).values()) == [1] * 24
+    # 8 at once against 4 tokens: 429s were served, every one seen by the run's pacer, none fatal.
+    assert stats["create_429s"]["rate_limit"] == report.rate_limited_429s > 0
+    assert stats["requests"][CREATE_ROUTE]["429"] == report.rate_limited_429s
+    assert report.rate_limited_until is None
+    assert {row.state for row in ledger.rows("harbour")} == {State.SUBMITTED}
+
+
+def test_an_exhausted_quota_stops_the_run_leaves_the_rest_planned_and_the_next_run_buys_it(
+    ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
+) -> None:
+    requests = catalog(tmp_path, "harbour", list(range(1, 6)))  # N = 5
+    quota = 3  # K, and the next window's quota covers the N - K left
+    emulator.update_faults(create_quota=quota, create_quota_window_s=5.0)
+    # The quota's Retry-After (up to 5 s here, an hour upstream) is past what the client waits.
+    waits_little = dataclasses.replace(client_config, rate_limit_max_wait_s=0.5)
+    factory = lambda: AsyncAimlApiClient(waits_little)  # noqa: E731
+    before = datetime.now(UTC)
+    report = submit_prompt_set(ledger, factory, "harbour", requests, max_concurrency=2)
+
+    assert report.new == quota and report.in_doubt == []
+    assert report.rate_limited_until is not None and "creating resumes after" in report.stopped_by
+    window_ends = datetime.fromtimestamp(emulator.stats()["limits"]["quota_window_ends_at"], UTC)
+    assert before < report.rate_limited_until and abs((report.rate_limited_until - window_ends).total_seconds()) <= 1.5
+    assert len(report.failed_to_submit) == len(requests) - quota
+    counted = [row.state for row in ledger.rows("harbour")]
+    assert counted.count(State.SUBMITTED) == quota and counted.count(State.PLANNED) == len(requests) - quota
+    assert State.IN_DOUBT not in counted and State.SUBMITTING not in counted
+    calls = emulator.stats()["requests"][CREATE_ROUTE]
+    # It stopped at once: the 429s are the creates already in flight when the quota ran out, no more.
+    assert calls["200"] == quota and 1 <= calls["429"] <= 2
+    assert all(t.created is not None for key in (r.request_key for r in requests) for t in ledger.try_rows(key))
+
+    # A run before the quota comes back buys nothing and doubts nothing: one more refused try.
+    early = submit_prompt_set(ledger, factory, "harbour", requests, max_concurrency=2)
+    assert early.new == 0 and early.rate_limited_until is not None and early.in_doubt == []
+
+    time.sleep(max(0.0, emulator.stats()["limits"]["quota_window_ends_at"] - time.time()) + 0.05)
+    resumed = submit_prompt_set(ledger, factory, "harbour", requests, max_concurrency=2)
+    assert (resumed.new, resumed.reused, resumed.in_doubt, resumed.stopped_by) == (len(requests) - quota, quota, [], None)
+    stats = emulator.stats()
+    assert stats["accepted_creates"] == len(requests)
+    assert sorted(creates(emulator).values()) == [1] * len(requests)  # no duplicates
+    assert {row.state for row in ledger.rows("harbour")} == {State.SUBMITTED}

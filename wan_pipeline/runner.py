@@ -44,6 +44,9 @@ from wan_pipeline.submission import (
     plan_submission,
 )
 
+# `run`'s exit status when the provider's quota stopped creating and nothing else went wrong: what
+# is left is planned, and a run after the time the summary gives continues (EX_TEMPFAIL, "try again").
+EXIT_RATE_LIMITED = 75
 # The waiting loop stops this long before the deadline (at most a quarter of it), so the videos that
 # are finished can still be collected before the hard wall.
 COLLECT_RESERVE_S = 60.0
@@ -125,6 +128,7 @@ class SetOutcome:
     collected_fingerprint: str | None = None  # the set's states when a collection run last ran
     errors: list[str] = field(default_factory=list)
     submission_recorded: bool = True  # False: the submission stored nothing, so nothing to collect
+    rate_limited_until: str | None = None  # the provider's quota stopped creating until then (UTC)
     ok: bool = False  # set by the summary: everything asked for is stored, nothing failed or in doubt
 
 
@@ -201,7 +205,23 @@ class PipelineRunner:
         elif code is not None:
             return code
         self.summarize(outcomes)
-        return 0 if all(o.ok for o in outcomes.values()) else 1
+        if all(o.ok for o in outcomes.values()):
+            return 0
+        # Stopped by the provider's quota with nothing else wrong: "try again later", not a failure.
+        return EXIT_RATE_LIMITED if self._only_rate_limited(outcomes) else 1
+
+    def _only_rate_limited(self, outcomes: dict[str, SetOutcome]) -> bool:
+        if not any(o.rate_limited_until for o in outcomes.values()):
+            return False
+        for outcome in outcomes.values():
+            counts = self.ledger.progress(outcome.name).counts
+            if counts[State.FAILED] or counts[State.REJECTED] or counts[State.IN_DOUBT]:
+                return False
+            others = [e for e in outcome.errors if not e.startswith(("submission failed: Submission stopped: the "
+                                                                    "provider's rate limit", "not submitted: "))]
+            if others:
+                return False
+        return True
 
     def _run(self, options: RunOptions, outcomes: dict[str, SetOutcome], wall: Wall, started: float) -> int | None:
         """An exit code when the run ends before submitting (bad input, dry run, budget); None once
@@ -293,6 +313,7 @@ class PipelineRunner:
             outcome.errors.append(f"submission failed: {message}")
             if failure_metadata.get("stops_submission"):
                 stop_reason = message
+            outcome.rate_limited_until = failure_metadata.get("rate_limited_until")
         # What this run bought, from the ledger: present even when the step failed after buying some
         # (a 401 or 403 midway), so it is reported and collected.
         bought = spend(self.ledger.attempts(run_id=result.run_id))
@@ -430,6 +451,12 @@ class PipelineRunner:
                 else:
                     notes.append(f"NOT SUBMITTED {name}/{row.request_key}: {why or 'not accepted'}")
             notes += [f"ERROR {name}: {error}" for error in outcome.errors]
+            if outcome.rate_limited_until:
+                notes.append(
+                    f"RATE LIMITED {name}: the provider refuses creates until {outcome.rate_limited_until}; "
+                    f"{counts[State.PLANNED]} left planned (a 429 creates nothing: not charged, not in doubt): run again after "
+                    "that time, or let the schedule continue"
+                )
             outcome.ok = (
                 outcome.collected_fingerprint is not None
                 and progress.collected == counts[State.COMPLETED]

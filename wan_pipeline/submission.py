@@ -29,6 +29,7 @@ from wan_pipeline.api import (
     OutOfCredits,
     RequestRejected,
 )
+from wan_pipeline.api.pacing import PacerStop
 from wan_pipeline.catalog import allowed_roots_for
 from wan_pipeline.ledger import (
     DEFAULT_STALE_AFTER_S,
@@ -152,9 +153,14 @@ class SubmissionReport:
     failed_to_submit: list[tuple[str, str]] = field(default_factory=list)  # (key, why); still planned
     credits_used: float = 0.0
     usd_spent: float = 0.0
-    stopped_by: str | None = None  # why creating stopped early (401, 403), with what was bought before
+    stopped_by: str | None = None  # why creating stopped early (401, 403, a quota), with what was bought before
     auth_failed: bool = False
     out_of_credits: bool = False
+    # The provider's rate limit asked for a longer wait than the client makes (a quota): creating
+    # stopped, the rest stays planned (a 429 is a definite "not created"); creates resume after this (UTC).
+    rate_limited: bool = False
+    rate_limited_until: datetime | None = None  # None with rate_limited: the provider did not say
+    rate_limited_429s: int = 0  # 429 answers to this run's creates, waited out or not
 
     @classmethod
     def of_plan(cls, plan: SubmissionPlan) -> SubmissionReport:
@@ -289,8 +295,10 @@ async def submit_planned(
 ) -> SubmissionReport:
     """Create the plan's requests, at most `max_concurrency` at once, each try recorded write-ahead.
 
-    Creating stops after a 401 (the key) or a 403 (out of credits): creates in flight finish and are
-    recorded, the rest stay planned, and the report says what was bought before the stop. An
+    Creating stops after a 401 (the key) or a 403 (out of credits), or when the provider's rate limit
+    asks for a longer wait than the client makes (a quota: `rate_limited_until`; shorter waits are
+    ridden by the client's pacer): creates in flight finish and are recorded, the rest stay planned,
+    and the report says what was bought before the stop. An
     unexpected exception is raised after the batch, its row settled by what was sent. Ledger calls
     run in threads so a slow database never stalls the event loop under in-flight creates.
     """
@@ -337,6 +345,7 @@ async def submit_planned(
                 return
             except BaseException as exc:  # even a cancellation: the create may have been sent
                 await _record_failure(ledger, report, key, attempt, bool(sent), exc)
+                _note_rate_limit_stop(report, client)
                 if getattr(exc, "created", UNJUDGED) is UNJUDGED:
                     raise
                 return
@@ -366,10 +375,26 @@ async def submit_planned(
             report.usd_spent += generation.usd_spent or 0.0
 
     results = await asyncio.gather(*(submit_one(item) for item in plan.to_submit), return_exceptions=True)
+    report.rate_limited_429s = _rate_limited_answers(client)
     for result in results:
         if isinstance(result, BaseException):
             raise result
     return report
+
+
+def _note_rate_limit_stop(report: SubmissionReport, client: Any) -> None:
+    """Once the client's pacer has stopped creating (the provider's quota asked for a longer wait
+    than the client makes), no further create is started: the report says until when."""
+    stop: PacerStop | None = getattr(client, "create_stop", None)
+    if stop is None or report.stopped_by:
+        return
+    report.rate_limited, report.rate_limited_until = True, stop.until
+    report.stopped_by = stop.describe()
+
+
+def _rate_limited_answers(client: Any) -> int:
+    gate = getattr(client, "create_gate", None)
+    return gate.pacer.counts.rate_limited if gate is not None else 0
 
 
 async def _record_failure(

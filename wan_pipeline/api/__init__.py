@@ -8,7 +8,8 @@ In the shape of httpx and the Stainless-generated SDKs, one idea per module:
 - `protocol`: the sans-IO core (what to send, what an answer means, retries, `CreateTry` events);
 - `auth`: `BearerAuth`, the one place the API key lives;
 - `clients`: `AimlApiClient` and `AsyncAimlApiClient`, which only perform the protocol's actions;
-- `retry`: retry and poll timing, pure decisions.
+- `retry`: retry and poll timing, pure decisions;
+- `pacing`: riding the provider's create rate limit (AIMD, a shared Retry-After pause, the quota stop).
 
 The API key is sent only in the Authorization header of API calls: never to the video host, never
 in a repr, a log line or an exception message.
@@ -24,6 +25,7 @@ from wan_pipeline.api.errors import (
     CallDeadline,
     CreateNotAccepted,
     CreateOutcomeUnknown,
+    CreatesPaused,
     DeadlineExceeded,
     DownloadExpired,
     DownloadTooLarge,
@@ -39,8 +41,10 @@ from wan_pipeline.api.errors import (
     url_for_logs,
 )
 from wan_pipeline.api.models import Generation, Reply, normalize_status, parse_generation, url_expires_at
+from wan_pipeline.api.pacing import AsyncCreateGate, CreatePacer, PacerStop, PacingPolicy
 from wan_pipeline.api.protocol import (
     ApiProtocol,
+    AwaitTurn,
     CreateTry,
     FetchTo,
     HttpCall,
@@ -70,13 +74,17 @@ __all__ = [
     "ApiError",
     "ApiProtocol",
     "AsyncAimlApiClient",
+    "AsyncCreateGate",
     "AuthenticationError",
+    "AwaitTurn",
     "BearerAuth",
     "CallDeadline",
     "ClientConfig",
     "CreateNotAccepted",
     "CreateOutcomeUnknown",
+    "CreatePacer",
     "CreateTry",
+    "CreatesPaused",
     "DeadlineExceeded",
     "DownloadExpired",
     "DownloadSink",
@@ -87,6 +95,8 @@ __all__ = [
     "HttpCall",
     "NotifyTry",
     "OutOfCredits",
+    "PacerStop",
+    "PacingPolicy",
     "PollSchedule",
     "RateLimited",
     "Reply",

@@ -20,9 +20,20 @@ import httpx
 
 from wan_pipeline.api.auth import BearerAuth
 from wan_pipeline.api.config import ClientConfig
-from wan_pipeline.api.errors import AnswerTooLarge, CallDeadline, DownloadTooLarge
+from wan_pipeline.api.errors import AnswerTooLarge, CallDeadline, DownloadTooLarge, retry_after
 from wan_pipeline.api.models import Generation, Reply
-from wan_pipeline.api.protocol import Action, ApiProtocol, FetchTo, HttpCall, NotifyTry, Sleep, Steps, TryHook
+from wan_pipeline.api.pacing import AsyncCreateGate, CreatePacer, PacerStop, Ticket
+from wan_pipeline.api.protocol import (
+    Action,
+    ApiProtocol,
+    AwaitTurn,
+    FetchTo,
+    HttpCall,
+    NotifyTry,
+    Sleep,
+    Steps,
+    TryHook,
+)
 from wan_pipeline.api.retry import RetryEvent
 from wan_pipeline.models import VideoRequest
 from wan_pipeline.storage import atomic_writer
@@ -301,6 +312,10 @@ class AimlApiClient(_ClientBase):
             return action.hook(action.event)
         if isinstance(action, Sleep):
             return self._sleep(action.seconds)
+        if isinstance(action, AwaitTurn):  # one create at a time: its own backoff is all the pacing
+            if action.not_before_s > 0:
+                self._sleep(action.not_before_s)
+            return Ticket(time.monotonic())
         budget = self._budget(action.time_limit_s)
         budget.check()
         if isinstance(action, FetchTo):
@@ -335,7 +350,12 @@ class AimlApiClient(_ClientBase):
 
 
 class AsyncAimlApiClient(_ClientBase):
-    """Asynchronous client: same operations and behaviour; at most `max_concurrency` API calls in flight."""
+    """Asynchronous client: same operations and behaviour; at most `max_concurrency` API calls in flight.
+
+    Its creates share one pacer (`create_gate`, see `pacing`): a 429 slows every create of the
+    client (AIMD), a `Retry-After` pauses them all, and one past `rate_limit_max_wait_s` stops them
+    (`create_stop` says until when). Each run's client has its own pacer.
+    """
 
     def __init__(
         self,
@@ -352,6 +372,16 @@ class AsyncAimlApiClient(_ClientBase):
         self._http = http_client or httpx.AsyncClient(timeout=self.config.timeout, auth=self._auth)
         self._sleep = sleep
         self._in_flight = asyncio.Semaphore(self.config.max_concurrency)
+        self.create_gate: AsyncCreateGate | None = (
+            AsyncCreateGate(CreatePacer(self.config.pacing_policy, clock=clock), sleep)
+            if self.config.pace_creates
+            else None
+        )
+
+    @property
+    def create_stop(self) -> PacerStop | None:
+        """Set once the provider asked for a longer wait than the client makes: no create is sent after."""
+        return self.create_gate.pacer.stop if self.create_gate is not None else None
 
     async def __aenter__(self) -> AsyncAimlApiClient:
         return self
@@ -411,19 +441,46 @@ class AsyncAimlApiClient(_ClientBase):
         )
 
     async def _run(self, steps: Steps[T]) -> T:
-        with _Stepper(steps) as stepper:
-            for action in stepper:
-                try:
-                    stepper.outcome = await self._perform(action)
-                except httpx.RequestError as exc:
-                    stepper.error = exc
-        return stepper.result
+        held: list[Ticket] = []  # a turn taken and not yet handed back with an answer
+        try:
+            with _Stepper(steps) as stepper:
+                for action in stepper:
+                    try:
+                        stepper.outcome = await self._perform(action, held)
+                    except httpx.RequestError as exc:
+                        stepper.error = exc
+            return stepper.result
+        finally:
+            if held and self.create_gate is not None:  # announced, then stopped before sending
+                await self.create_gate.release(held.pop(), status=None)
 
-    async def _perform(self, action: Action) -> Any:
+    async def _perform(self, action: Action, held: list[Ticket]) -> Any:
         if isinstance(action, NotifyTry):
             return await asyncio.to_thread(action.hook, action.event)
         if isinstance(action, Sleep):
             return await self._sleep(action.seconds)
+        if isinstance(action, AwaitTurn):
+            if self.create_gate is None:
+                if action.not_before_s > 0:
+                    await self._sleep(action.not_before_s)
+                return Ticket(time.monotonic())
+            turn = await self.create_gate.acquire(action.not_before_s, action.time_limit_s)
+            if isinstance(turn, Ticket):
+                held.append(turn)
+            return turn
+        if isinstance(action, HttpCall) and action.ticket is not None and self.create_gate is not None:
+            status, wait = None, None
+            try:
+                reply = await self._perform_call(action)
+                status, wait = reply.status_code, retry_after(reply)
+                return reply
+            finally:
+                if action.ticket in held:
+                    held.remove(action.ticket)
+                    await self.create_gate.release(action.ticket, status=status, retry_after_s=wait)
+        return await self._perform_call(action)
+
+    async def _perform_call(self, action: HttpCall | FetchTo) -> Any:
         budget = self._budget(action.time_limit_s)
         budget.check()
         try:

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 
+from wan_pipeline.api.pacing import PacingPolicy
 from wan_pipeline.api.retry import PollSchedule, RetryPolicy
 from wan_pipeline.models import DEFAULT_MODEL, VideoRequest, get_model
 from wan_pipeline.settings import DEFAULT_BASE_URL, Secret, Settings
@@ -67,6 +68,10 @@ class ClientConfig:
     expected_seconds: float | None = None  # overrides ModelSpec's expected processing time
     # Local media must resolve under one of these (or the submit's base_dir); none = nothing local.
     allowed_roots: tuple[Path, ...] = ()
+    # Async creates ride the provider's rate limit (api.pacing): AIMD on 429s, Retry-After as a pause
+    # shared by the client's creates; a Retry-After longer than this stops creating (a quota).
+    pace_creates: bool = True
+    rate_limit_max_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         # A plain string key would show in repr(): hold it as a Secret whatever the caller passed.
@@ -100,6 +105,10 @@ class ClientConfig:
     @property
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(self.max_attempts, self.max_retry_seconds, self.backoff_base_s, self.backoff_max_s)
+
+    @property
+    def pacing_policy(self) -> PacingPolicy:
+        return PacingPolicy(max_concurrency=self.max_concurrency, max_wait_s=self.rate_limit_max_wait_s)
 
     @property
     def poll_schedule(self) -> PollSchedule:

@@ -92,10 +92,24 @@ class ServerError(ApiError):
 
 
 class CreateNotAccepted(ApiError):
-    """A create that surely created nothing (429/502/503/no connection) after the retries ran out."""
+    """A create that surely created nothing (429/502/503/no connection) after the retries ran out;
+    `retry_after_s` is what the last answer's Retry-After asked for, if it did."""
 
-    def __init__(self, message: str, *, client_request_id: str, **kwargs: Any):
+    def __init__(
+        self, message: str, *, client_request_id: str, retry_after_s: float | None = None, **kwargs: Any
+    ):
         super().__init__(message, client_request_id=client_request_id, created=False, **kwargs)
+        self.retry_after_s = retry_after_s
+
+
+class CreatesPaused(CreateNotAccepted):
+    """A create never sent: the client's pacer stopped creating (the provider's rate limit asked for
+    a wait longer than it will make, typically a quota until the hour's end, `until` in UTC), or its
+    shared pause outlasted the create's time limit."""
+
+    def __init__(self, message: str, *, client_request_id: str, until: datetime | None = None, **kwargs: Any):
+        super().__init__(message, client_request_id=client_request_id, **kwargs)
+        self.until = until
 
 
 class CreateOutcomeUnknown(ApiError):

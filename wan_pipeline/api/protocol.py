@@ -31,6 +31,7 @@ from wan_pipeline.api.errors import (
     CallDeadline,
     CreateNotAccepted,
     CreateOutcomeUnknown,
+    CreatesPaused,
     DeadlineExceeded,
     TransportError,
     WaitTimeout,
@@ -41,6 +42,7 @@ from wan_pipeline.api.errors import (
     url_for_logs,
 )
 from wan_pipeline.api.models import Generation, Reply, parse_generation
+from wan_pipeline.api.pacing import Refused, Ticket
 from wan_pipeline.api.retry import (
     CREATE_AMBIGUOUS_STATUSES,
     CREATE_RETRY_STATUSES,
@@ -103,6 +105,8 @@ class HttpCall:
     max_bytes: int
     json: Any = field(default=None, repr=False)  # may hold base64 media
     params: Mapping[str, str] | None = None
+    # A create try's turn from `AwaitTurn`: the shell hands it back to its pacer with the answer.
+    ticket: Ticket | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,17 @@ class Sleep:
 
 
 @dataclass(frozen=True)
+class AwaitTurn:
+    """Create only, before a try is announced: wait at least `not_before_s` (the retry's backoff) and
+    for the client's pacer (the pause and window every create of the client shares), at most
+    `time_limit_s`. The outcome is a `Ticket` to carry on the try's `HttpCall`, or `Refused`: do not
+    send (the try is then never announced, so nothing is recorded as sent)."""
+
+    not_before_s: float
+    time_limit_s: float
+
+
+@dataclass(frozen=True)
 class NotifyTry:
     """Call `hook(event)` (it may write to a database); if it raises, the operation stops there."""
 
@@ -130,7 +145,7 @@ class NotifyTry:
     event: CreateTry
 
 
-Action = HttpCall | FetchTo | Sleep | NotifyTry
+Action = HttpCall | FetchTo | Sleep | NotifyTry | AwaitTurn
 Steps = Generator[Action, Any, T]
 
 
@@ -239,6 +254,7 @@ class ApiProtocol:
         headers: Mapping[str, str] | None = None,
         json: Any = None,
         params: Mapping[str, str] | None = None,
+        ticket: Ticket | None = None,
     ) -> HttpCall:
         """A call to the generations endpoint; its answer is capped at `max_answer_bytes`."""
         return HttpCall(
@@ -249,6 +265,7 @@ class ApiProtocol:
             max_bytes=self.config.max_answer_bytes,
             json=json,
             params=params,
+            ticket=ticket,
         )
 
     # -- retry loop ---------------------------------------------------------------------------
@@ -260,18 +277,27 @@ class ApiProtocol:
         one_try: Callable[[int, float], Steps[Any]],
         judge: Callable[[Any, int], Verdict],
         on_try: TryHook | None = None,
+        *,
+        wait_in_try: bool = False,
     ) -> Steps[Any]:
         """Try until a verdict is final, within `deadline_s` for everything (tries and waits).
 
         `one_try(try_number, seconds_left)` yields one try's actions and returns its outcome; a
         transport error thrown into it is the outcome too. The answered event (create) is
-        reported before any wait, so a refusal is on record before the client sleeps.
+        reported before any wait, so a refusal is on record before the client sleeps. With
+        `wait_in_try` (creates) the wait before a retry is not a `Sleep`: it is handed to the next
+        try, `one_try(try_number, seconds_left, wait_s)`, which waits for its turn under the pacer.
         """
         started = self._clock()
         try_number = 1
+        delay = 0.0
         while True:
+            seconds_left = deadline_s - (self._clock() - started)
             try:
-                outcome = yield from one_try(try_number, deadline_s - (self._clock() - started))
+                if wait_in_try:
+                    outcome = yield from one_try(try_number, seconds_left, delay)  # type: ignore[call-arg]
+                else:
+                    outcome = yield from one_try(try_number, seconds_left)
             except httpx.RequestError as exc:
                 outcome = exc
             verdict = judge(outcome, try_number)
@@ -300,7 +326,8 @@ class ApiProtocol:
             )
             if self._on_retry is not None:
                 self._on_retry(RetryEvent(operation, try_number, delay, verdict.retry.reason))
-            yield Sleep(delay)
+            if not wait_in_try:
+                yield Sleep(delay)
             try_number += 1
 
     # -- create -------------------------------------------------------------------------------
@@ -326,19 +353,27 @@ class ApiProtocol:
     def _create_steps(
         self, body: dict[str, Any], key: str, attempt: int, on_try: TryHook | None
     ) -> Steps[Generation]:
-        def one_try(try_number: int, seconds_left: float) -> Steps[Any]:
+        def one_try(try_number: int, seconds_left: float, wait_s: float) -> Steps[Any]:
             request_id = client_request_id(key, attempt, try_number)
+            waited_from = self._clock()
+            # The turn comes before the try is announced: a create waiting out a pause is not "sending".
+            turn = yield AwaitTurn(wait_s, seconds_left)
+            if isinstance(turn, Refused):
+                return turn
+            seconds_left -= self._clock() - waited_from
             if on_try is not None:
                 yield NotifyTry(on_try, CreateTry(try_number, request_id, "sending"))
             log.info("create: sending %s", request_id)
-            call = self._call("POST", seconds_left, headers={"X-Client-Request-Id": request_id}, json=body)
+            call = self._call(
+                "POST", seconds_left, headers={"X-Client-Request-Id": request_id}, json=body, ticket=turn
+            )
             return (yield call)
 
         def judge(outcome: Any, try_number: int) -> Verdict:
             return self.judge_create(outcome, client_request_id(key, attempt, try_number), try_number)
 
         generation: Generation = yield from self._retry_steps(
-            "create", self.config.create_deadline_s, one_try, judge, on_try
+            "create", self.config.create_deadline_s, one_try, judge, on_try, wait_in_try=True
         )
         log.info(
             "create: %s accepted as generation %s (%s)",
@@ -348,8 +383,20 @@ class ApiProtocol:
         )
         return generation
 
-    def judge_create(self, outcome: Reply | httpx.RequestError, request_id: str, try_number: int) -> Verdict:
+    def judge_create(
+        self, outcome: Reply | httpx.RequestError | Refused, request_id: str, try_number: int
+    ) -> Verdict:
         """What one create try's outcome means for money, and whether another try is safe."""
+        if isinstance(outcome, Refused):  # never sent, never announced: no answered event either
+            stop = outcome.stop
+            return Verdict(
+                error=CreatesPaused(
+                    f"create {request_id} not sent: {outcome.reason}",
+                    client_request_id=request_id,
+                    until=stop.until if stop else None,
+                    retry_after_s=stop.retry_after_s if stop else None,
+                )
+            )
 
         def verdict(
             created: bool | None,
@@ -415,6 +462,7 @@ class ApiProtocol:
                 client_request_id=request_id,
                 status_code=reply.status_code,
                 request_id=said.request_id,
+                retry_after_s=retry.retry_after_s,
             )
             return verdict(False, detail, error, retry=retry)
         if not reply.is_success:

@@ -271,19 +271,34 @@ def submitted_generations(
         metadata["not_submitted_why"] = dg.MetadataValue.md(
             "\n".join(f"- `{k}`: {m}" for k, m in report.failed_to_submit[:PREVIEW_ROWS])
         )
+    if report.rate_limited_429s:
+        metadata["rate_limited_429s"] = report.rate_limited_429s
+    # The provider's quota stopped creating: when it accepts creates again (UTC), for the UI and the runner.
+    until = report.rate_limited_until.strftime("%Y-%m-%d %H:%M:%S UTC") if report.rate_limited_until else (
+        "an unknown time (the provider sent no Retry-After)" if report.rate_limited else None)
+    if until:
+        metadata["rate_limited_until"] = until
     context.log.info(
         f"{context.partition_key} on {store.scope}: {report.new} new, {report.reused} reused, "
         f"{len(report.in_doubt)} in doubt, {len(report.rejected)} rejected, ${float(report.usd_spent or 0):.4f} spent"
+        + (f"; creating stopped by the provider's rate limit until {until}, "
+           f"{len(report.failed_to_submit)} left planned" if until else "")
     )
     yield dg.Output(frame, metadata=metadata)
     if report.stopped_by:
         what = "the API rejected the key (401): check AIMLAPI_API_KEY" if report.auth_failed else (
             "the API is out of credits (403)" if report.out_of_credits else report.stopped_by)
+        left = f"{len(report.failed_to_submit)} not sent and not charged."
+        if until:
+            what = f"the provider's rate limit (429) refuses creates until {until}"
+            left = (f"{len(report.failed_to_submit)} left planned (a 429 creates nothing: not charged, not in doubt): the next "
+                    "run or schedule tick after that time continues with them.")
         raise dg.Failure(
             description=f"Submission stopped: {what}. Bought {report.new} generation(s) for "
-            f"${report.usd_spent:.4f} before it (stored, and collected like any other); "
-            f"{len(report.failed_to_submit)} not sent and not charged.",
-            metadata={"stops_submission": True, "new": report.new, "usd_spent": round(report.usd_spent, 4)},
+            f"${report.usd_spent:.4f} before it (stored, and collected like any other); {left}",
+            metadata={"stops_submission": True, "new": report.new, "usd_spent": round(report.usd_spent, 4),
+                      **({"rate_limited_until": until} if until else {})},
+            allow_retries=False if until else None,
         )
 
 

@@ -15,6 +15,11 @@ Where the contract is silent, the emulator assumes (and a client must not rely o
 - Injected 500/502/503/504 answers on create never create a generation. Three faults do create
   (and charge) one whose answer is lost or ambiguous: `create_drop` (the connection is closed
   without a response), `create_500_after_create` and `create_504_after_create`.
+- The provider's limits are not documented beyond "429 Too Many Requests (free tier: hourly
+  limit)": a token bucket (`create_rate_limit_per_s`, `create_burst`) answers with a fractional
+  `Retry-After` (seconds to the next token), the quota (`create_quota` per fixed
+  `create_quota_window_s`) with whole seconds to the window's end; both in the documented 429 body,
+  checked atomically with the create after body validation, consuming nothing when they refuse.
 - Hostile-server faults: trickled answers (`*_trickle_rate`, `trickle_bytes_per_s`), videos padded
   past any sane size (`oversize_video_bytes`), a key revoked after N creates (`auth_fail_after_creates`).
 - `GET /_emulator/info` names the emulator and its version (404 with `identify=False`).

@@ -51,6 +51,7 @@ SERVER_ERRORS = {
 AFTER_CREATE_ERRORS = {"500_after_create": 500, "504_after_create": 504}
 UNAUTHORIZED = "This request requires a valid API key. Pass it as `Authorization: Bearer <key>`."
 OUT_OF_CREDITS = "You have run out of credits. Top up your balance to continue."
+TOO_MANY_REQUESTS = "Too Many Requests"
 STREAM_CHUNK = 1024 * 1024
 BLOB_SEED = 0x5EED
 
@@ -269,10 +270,11 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
         # Rate limiting comes before body validation, upstream failures after it.
         fault = state.create_fault()
         if fault == "429":
+            state.count_429("fault")
             retry_after = state.retry_after()
             if retry_after is not None:
                 headers["Retry-After"] = _seconds(retry_after)
-            return provider_error(429, "Too Many Requests", request, headers)
+            return provider_error(429, TOO_MANY_REQUESTS, request, headers)
         try:
             # Decoding and inspecting a (maybe 13 MB) data URI stays off the event loop.
             parsed = await run_in_threadpool(parse_create_body, await request.body())
@@ -283,6 +285,12 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
         try:
             generation = state.accept_create(parsed, _client_request_id(request), dropped=fault == "drop")
         except CreateRefused as refused:
+            if refused.status == 429:
+                # The rate limit and the quota answer like the documented 429 (the body does not say
+                # which); Retry-After says how long: a fraction of a second, or up to the hour's end.
+                assert refused.retry_after_s is not None
+                headers["Retry-After"] = _seconds(refused.retry_after_s)
+                return provider_error(429, TOO_MANY_REQUESTS, request, headers)
             message = UNAUTHORIZED if refused.status == 401 else OUT_OF_CREDITS
             return provider_error(refused.status, message, request, headers)
         if fault == "drop":

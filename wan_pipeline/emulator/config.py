@@ -7,6 +7,7 @@ Both configs are frozen and validated on construction, so a bad rate fails at st
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ GET_FAULTS = ("429", "500", "502", "503", "504")
 
 
 # FaultConfig fields that are not rates, by kind (everything else is a probability in [0, 1]).
-_POSITIVE_OR_NONE = frozenset({"download_bytes_per_s", "credit_limit"})
-_COUNTS = frozenset({"oversize_video_bytes", "auth_fail_after_creates"})
+_POSITIVE_OR_NONE = frozenset({"download_bytes_per_s", "credit_limit", "create_rate_limit_per_s"})
+_COUNTS = frozenset({"oversize_video_bytes", "auth_fail_after_creates", "create_burst", "create_quota"})
+_POSITIVE = frozenset({"trickle_bytes_per_s", "create_quota_window_s"})
 
 
 def _is_number(value: Any) -> bool:
@@ -59,6 +61,16 @@ class FaultConfig:
     oversize_video_bytes: int | None = None
     # After this many accepted creates, every create answers 401 (a key revoked mid-run).
     auth_fail_after_creates: int | None = None
+    # The provider's create rate limit: a token bucket refilled at this many creates per second,
+    # holding `create_burst` tokens (None: one second's worth); a create finding it empty answers
+    # 429 with Retry-After = seconds until the next token (fractional, e.g. "0.037").
+    create_rate_limit_per_s: float | None = None
+    create_burst: int | None = None
+    # The free tier's quota: this many accepted creates per fixed window of `create_quota_window_s`
+    # (an hour; windows count from the emulator's start or reset); beyond it 429 with Retry-After =
+    # whole seconds until the window ends.
+    create_quota: int | None = None
+    create_quota_window_s: float = 3600.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -71,9 +83,9 @@ class FaultConfig:
                     isinstance(value, int) and not isinstance(value, bool) and value >= 0
                 ):
                     raise ValueError(f"{f.name} must be a whole number >= 0 or None, got {value!r}")
-            elif f.name == "trickle_bytes_per_s":
+            elif f.name in _POSITIVE:
                 if not (_is_number(value) and value > 0):
-                    raise ValueError(f"trickle_bytes_per_s must be a positive number, got {value!r}")
+                    raise ValueError(f"{f.name} must be a positive number, got {value!r}")
             elif f.name == "retry_after_s":
                 if not (_is_number(value) and value >= 0):
                     raise ValueError(f"retry_after_s must be a number >= 0, got {value!r}")
@@ -83,6 +95,15 @@ class FaultConfig:
             total = sum(rate for _, rate in outcomes)
             if total > 1.0 + 1e-9:
                 raise ValueError(f"the {endpoint} fault rates add up to {total:g}; at most 1 is possible")
+        if self.create_burst == 0:
+            raise ValueError("create_burst must be at least 1 (or None: one second's worth)")
+
+    @property
+    def bucket_size(self) -> int:
+        """Tokens the create bucket holds (only meaningful with a rate limit)."""
+        if self.create_burst is not None:
+            return self.create_burst
+        return max(1, math.ceil(self.create_rate_limit_per_s or 1))
 
     def create_faults(self) -> tuple[tuple[str, float], ...]:
         return tuple((name, getattr(self, f"create_{name}_rate")) for name in CREATE_FAULTS)
@@ -138,6 +159,14 @@ _CONFIG_FLAGS: tuple[tuple[str, str, type, str], ...] = (
 )
 
 
+_FAULT_HELP = {
+    "create_rate_limit_per_s": "token-bucket create limit: creates per second; beyond it 429 + Retry-After",
+    "create_burst": "tokens the create bucket holds (default: one second's worth)",
+    "create_quota": "accepted creates per quota window (free tier); beyond it 429 + Retry-After to the window's end",
+    "create_quota_window_s": "length of the fixed quota window in seconds (default: an hour)",
+}
+
+
 def _fault_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -169,6 +198,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
             type=int if f.name in _COUNTS else float,
             default=getattr(defaults.faults, f.name),
             metavar="RATE" if f.name.endswith("_rate") else "N",
+            help=_FAULT_HELP.get(f.name),
         )
     return parser
 

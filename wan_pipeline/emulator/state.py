@@ -45,11 +45,14 @@ def new_generation_id() -> str:
 
 
 class CreateRefused(Exception):
-    """The account refuses the create (its HTTP status: 401 revoked key, 403 out of credits)."""
+    """The account refuses the create (its HTTP status: 401 revoked key, 403 out of credits, 429 rate
+    limit or quota, with the seconds to wait in `retry_after_s`)."""
 
-    def __init__(self, status: int):
+    def __init__(self, status: int, retry_after_s: float | None = None, limit: str | None = None):
         super().__init__(status)
         self.status = status
+        self.retry_after_s = retry_after_s
+        self.limit = limit  # 429 only: "rate_limit" (token bucket) or "quota"
 
 
 class UnknownGeneration(LookupError):
@@ -122,6 +125,13 @@ class EmulatorState:
             self._requests: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
             self._creates_by_body: dict[str, int] = defaultdict(int)
             self._media: dict[str, bytes] = {}  # image/audio content by identity
+            # The create rate limit (token bucket) and the quota (fixed windows from now), and the 429s served.
+            self._tokens: float | None = None  # None: full, filled at the first check
+            self._tokens_at = time.monotonic()
+            self._quota_epoch = time.time()
+            self._quota_window = 0
+            self._quota_used = 0
+            self._served_429 = {"fault": 0, "rate_limit": 0, "quota": 0}
             self._rng = {
                 name: random.Random(f"{seed}/{name}")
                 for name in (
@@ -171,31 +181,74 @@ class EmulatorState:
 
     # -- generations -----------------------------------------------------------------------------
 
-    def _refusal(self, credits: int) -> int | None:
-        """401 once the key is revoked, 403 when the credit limit does not cover this create (lock held)."""
-        limit = self.faults.auth_fail_after_creates
+    def count_429(self, limit: str) -> None:
+        """Count a 429 served on create: "fault" (injected), "rate_limit" or "quota"."""
+        with self._lock:
+            self._served_429[limit] += 1
+
+    def _quota_window_now(self, now: float) -> tuple[int, float]:
+        """The current quota window's index and the wall time it ends (lock held); resets the count."""
+        length = self.faults.create_quota_window_s
+        index = math.floor((now - self._quota_epoch) / length)
+        if index != self._quota_window:
+            self._quota_window, self._quota_used = index, 0
+        return index, self._quota_epoch + (index + 1) * length
+
+    def _bucket_tokens(self) -> float:
+        """Tokens in the create bucket now, refilled since the last look (lock held)."""
+        rate, size = self.faults.create_rate_limit_per_s or 0.0, self.faults.bucket_size
+        now = time.monotonic()
+        tokens = size if self._tokens is None else self._tokens + (now - self._tokens_at) * rate
+        self._tokens, self._tokens_at = min(float(size), tokens), now
+        return self._tokens
+
+    def _refusal(self, credits: int, now: float) -> CreateRefused | None:
+        """401 once the key is revoked; 429 past the quota or the rate limit (with the seconds to wait);
+        403 when the credit limit does not cover this create. Lock held; consumes nothing."""
+        faults = self.faults
+        limit = faults.auth_fail_after_creates
         if limit is not None and len(self._generations) >= limit:
-            return 401
-        if self.faults.credit_limit is not None:
+            return CreateRefused(401)
+        if faults.create_quota is not None:
+            _, ends_at = self._quota_window_now(now)
+            if self._quota_used >= faults.create_quota:
+                return CreateRefused(429, max(1.0, float(math.ceil(ends_at - now))), "quota")
+        if faults.create_rate_limit_per_s is not None:
+            tokens = self._bucket_tokens()
+            if tokens < 1.0:
+                wait = (1.0 - tokens) / faults.create_rate_limit_per_s
+                return CreateRefused(429, max(round(wait, 3), 0.001), "rate_limit")
+        if faults.credit_limit is not None:
             spent = sum(g.credits_used for g in self._generations.values())
-            if spent + credits > self.faults.credit_limit:
-                return 403
+            if spent + credits > faults.credit_limit:
+                return CreateRefused(403)
         return None
+
+    def _consume_limits(self) -> None:
+        """An accepted create takes a token and a place in the quota (lock held, after `_refusal`)."""
+        if self.faults.create_quota is not None:
+            self._quota_used += 1
+        if self.faults.create_rate_limit_per_s is not None and self._tokens is not None:
+            self._tokens -= 1.0
 
     def accept_create(
         self, request: CreateRequest, client_request_id: str | None, *, dropped: bool
     ) -> Generation:
         """Create a generation (credits charged) and start its encode unless it is fated to fail.
 
-        The account's checks (revoked key, credit limit) are made under the same lock as the create,
-        so concurrent creates cannot all pass them before any is counted. Raises `CreateRefused`.
+        The account's checks (revoked key, quota, rate limit, credit limit) are made under the same
+        lock as the create, so concurrent creates cannot all pass them before any is counted. A 429
+        is counted in the stats here. Raises `CreateRefused`.
         """
         now = time.time()
         credits = credits_for(request.resolution, request.duration)
         with self._lock:
-            refusal = self._refusal(credits)
+            refusal = self._refusal(credits, now)
             if refusal is not None:
-                raise CreateRefused(refusal)
+                if refusal.limit is not None:
+                    self._served_429[refusal.limit] += 1
+                raise refusal
+            self._consume_limits()
             fails = self._rng["outcomes"].random() < self.faults.error_rate
             jitter = self.config.latency_jitter_s
             latency = max(0.0, self.config.latency_s + self._rng["jitter"].uniform(-jitter, jitter))
@@ -274,6 +327,16 @@ class EmulatorState:
 
     # -- counters --------------------------------------------------------------------------------
 
+    def _limits_now(self) -> dict[str, Any]:
+        """The rate limit's tokens and the quota's use (lock held)."""
+        faults, limits = self.faults, {}
+        if faults.create_rate_limit_per_s is not None:
+            limits["rate_limit_tokens"] = round(self._bucket_tokens(), 3)
+        if faults.create_quota is not None:
+            index, ends_at = self._quota_window_now(time.time())
+            limits |= {"quota_used": self._quota_used, "quota_window": index, "quota_window_ends_at": ends_at}
+        return limits
+
     def count_request(self, route: str, outcome: str) -> None:
         with self._lock:
             self._requests[route][outcome] += 1
@@ -304,5 +367,8 @@ class EmulatorState:
                 # Every accepted create is charged, whatever its answer was (500/504 after create, drop).
                 "credits_charged": sum(g["credits_used"] for g in generations.values()),
                 "encodes": self.videos.encodes,
+                # 429s served on create, by cause, and where the limits stand.
+                "create_429s": dict(self._served_429),
+                "limits": self._limits_now(),
                 "faults": asdict(self.faults),
             }
