@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from wan_pipeline.media import probe_video, take_probed_keyframes
 from wan_pipeline.quality import QualityThresholds, assess_video, closeness, sample_video
 
 SIZE = (320, 180)
@@ -48,13 +49,15 @@ def make_video(
     path: Path,
     frame: Callable[[int, int], Image.Image],
     *,
-    audio: str = "none",  # none | tone | silence
+    audio: str = "none",  # none | tone | silence | late (silent first half, tone second half)
     seconds: int = SECONDS,
     gop: int = FPS,
+    preset: str = "ultrafast",  # "veryfast" and slower reorder frames (B-frames)
 ) -> Path:
     count = FPS * seconds
     with av.open(str(path), mode="w") as container:
-        video = container.add_stream("libx264", rate=FPS, options={"preset": "ultrafast", "g": str(gop)})
+        options = {"preset": preset, "g": str(gop), "keyint_min": str(gop), "sc_threshold": "0"}
+        video = container.add_stream("libx264", rate=FPS, options=options)
         video.width, video.height, video.pix_fmt = SIZE[0], SIZE[1], "yuv420p"
         rate = 48_000
         stream = container.add_stream("aac", rate=rate, layout="mono") if audio != "none" else None
@@ -65,7 +68,10 @@ def make_video(
         container.mux(video.encode(None))
         if stream is not None:
             t = np.arange(rate * seconds) / rate
-            samples = (0.3 * np.sin(2 * np.pi * 440 * t) if audio == "tone" else np.zeros_like(t)).astype(np.float32)
+            tone = 0.3 * np.sin(2 * np.pi * 440 * t)
+            if audio == "late":
+                tone[: len(t) // 2] = 0
+            samples = (tone if audio in ("tone", "late") else np.zeros_like(t)).astype(np.float32)
             for start in range(0, len(samples), 1024):
                 chunk = av.AudioFrame.from_ndarray(samples[None, start : start + 1024], format="fltp", layout="mono")
                 chunk.sample_rate, chunk.pts = rate, start
@@ -173,3 +179,79 @@ def test_closeness_of_a_reproduction(tmp_path: Path, good: Path, source: Image.I
     assert same.identical_bytes and same.mean_ssim == pytest.approx(1.0) and "identical" in same.describe()
     different = closeness(good, make_video(tmp_path / "other.mp4", panning(scene(3))))
     assert not different.identical_bytes and different.mean_ssim < 0.5 and different.aligned_frames >= 3
+
+
+def _steps(frames: list[np.ndarray]) -> list[float]:
+    return [float(np.abs(a - b).mean()) for a, b in zip(frames, frames[1:], strict=False)]
+
+
+def test_keyframes_are_sampled_by_seeking_each_one_even_when_frames_are_reordered(tmp_path: Path, source) -> None:
+    # x264 "veryfast" writes B-frames: a keyframe is shown after its decoding time, and a seek that
+    # trusted the index's (decoding) time would land on the keyframe before, twice over.
+    for preset in ("ultrafast", "veryfast"):
+        video = make_video(tmp_path / f"{preset}.mp4", panning(source), seconds=4, preset=preset)
+        sampled = sample_video(video)
+        assert sampled.keyframes_only and sampled.times == pytest.approx([0.0, 1.0, 2.0, 3.0])
+        assert min(_steps(sampled.frames)) > 1.0, preset  # four different frames, none decoded twice
+        assert assess_video(video, source_image=source, expect_audio=False).passed
+
+
+def test_sampled_motion_flags_a_frozen_video_and_sees_a_video_freeze_halfway(tmp_path: Path, source) -> None:
+    still = source.resize(SIZE)
+    for preset in ("ultrafast", "veryfast"):
+        frozen = make_video(tmp_path / f"frozen-{preset}.mp4", lambda i, n: still, seconds=4, preset=preset)
+        report = assess_video(frozen, source_image=source, expect_audio=False)
+        assert report.motion < 0.2 and [f.split(":")[0] for f in report.failures] == ["motion"]
+    moving = panning(source)
+    full = make_video(tmp_path / "moving.mp4", moving, seconds=6)
+    half = make_video(tmp_path / "half.mp4", lambda i, n: moving(min(i, n // 2), n), seconds=6)
+    steps = _steps(sample_video(half).frames)
+    # Frames sampled in the second half really come from it: they no longer change.
+    assert len(steps) == 5 and min(steps[:3]) > 1.0 and max(steps[3:]) < 0.2
+    # The metric is the mean over the video: half the motion of the same pan kept going.
+    ratio = assess_video(half, source_image=source, expect_audio=False).motion / sample_video_motion(full)
+    assert 0.4 < ratio < 0.75
+
+
+def sample_video_motion(path: Path) -> float:
+    return float(np.mean(_steps(sample_video(path).frames)))
+
+
+def test_grey_levels_are_full_range_from_the_luma_plane(tmp_path: Path) -> None:
+    black = make_video(tmp_path / "black.mp4", lambda i, n: Image.new("RGB", SIZE, (4, 4, 4)))
+    white = make_video(tmp_path / "white.mp4", lambda i, n: Image.new("RGB", SIZE, (250, 250, 250)))
+    assert float(sample_video(black).frames[0].mean()) < 8  # limited-range luma would read 16 or more
+    assert float(sample_video(white).frames[0].mean()) > 245
+
+
+def test_audio_loudness_is_measured_over_stretches_spread_over_the_track(tmp_path: Path, source) -> None:
+    # 5 s of AAC at 48 kHz is 235 frames: only stretches of it are decoded, from start to end.
+    tone = sample_video(make_video(tmp_path / "tone.mp4", panning(source), audio="tone", seconds=5))
+    assert tone.audio_rms_dbfs == pytest.approx(20 * np.log10(0.3 / np.sqrt(2)), abs=1.0)
+    late = make_video(tmp_path / "late.mp4", panning(source), audio="late", seconds=5)
+    report = assess_video(late, source_image=source, expect_audio=True)
+    assert report.passed and -20 < report.audio_rms_dbfs < -10  # sound only in the second half counts
+
+
+def test_the_probe_hands_its_keyframes_to_the_checks_once(tmp_path: Path, good: Path, source) -> None:
+    alone = sample_video(good)
+    probe_video(good)
+    after_probe = sample_video(good)  # the first frame and the last second's keyframe: from the probe
+    assert after_probe.times == alone.times
+    for a, b in zip(alone.frames, after_probe.frames, strict=True):
+        assert float(np.abs(a - b).mean()) < 0.5
+    assert take_probed_keyframes(good) == {}  # handed over once
+    probe_video(good)
+    # A file rewritten since its probe is decoded afresh.
+    other = make_video(tmp_path / "other.mp4", panning(scene(5)))
+    good.write_bytes(other.read_bytes())
+    replaced = sample_video(good)
+    assert float(np.abs(replaced.frames[0] - alone.frames[0]).mean()) > 5
+
+
+def test_the_source_image_gives_one_result_as_picture_bytes_or_path(tmp_path: Path, good: Path, source) -> None:
+    path = tmp_path / "source.jpg"
+    source.save(path, quality=95)
+    as_picture = assess_video(good, source_image=Image.open(path), expect_audio=True).first_frame_ssim
+    for given in (path, path.read_bytes(), path.read_bytes()):  # the last one from the cache
+        assert assess_video(good, source_image=given, expect_audio=True).first_frame_ssim == pytest.approx(as_picture, abs=0.03)

@@ -13,15 +13,19 @@ import io
 import math
 import os
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import av
 import av.error
+import numpy as np
 from av.container import InputContainer
 from av.packet import Packet
 from av.video.frame import VideoFrame
+from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from upath import UPath
@@ -35,6 +39,9 @@ MAX_TILE_ASPECT = 16 / 9  # a frame area is at most this many times taller than 
 SHEET_BACKGROUND = (24, 24, 24)
 PLACEHOLDER_FILL = (90, 90, 90)
 LABEL_COLOUR = (235, 235, 235)
+LUMA_LONG_SIDE = 96  # px: the small grey keyframes the probe keeps for the quality checks
+LUMA_INTERPOLATION = "AREA"  # swscale's box average: no aliasing when 1920 px become 96
+KEYFRAME_MEMO_FILES = 32  # files whose probed keyframes are remembered (a few small arrays each)
 
 
 class MediaDecodeError(ValueError):
@@ -55,6 +62,60 @@ class VideoProbe:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def small_size(width: int, height: int, long_side: int = LUMA_LONG_SIDE) -> tuple[int, int]:
+    """(width, height) scaled so the long side is `long_side` px (at least 8 px each)."""
+    scale = long_side / max(width, height)
+    return max(8, round(width * scale)), max(8, round(height * scale))
+
+
+def small_luma(frame: VideoFrame, size: tuple[int, int], scaler: VideoReformatter | None = None) -> np.ndarray:
+    """The frame's luma shrunk to `size`, float32 0-255 (full range), without touching the chroma:
+    swscale box-averages the Y plane and expands its range in one step."""
+    small = (scaler or VideoReformatter()).reformat(
+        frame, width=size[0], height=size[1], format="gray", interpolation=LUMA_INTERPOLATION
+    )
+    return small.to_ndarray().astype(np.float32)
+
+
+# Keyframes `probe_video` decodes anyway (the first frame; those of the last second), kept small and
+# grey for the quality checks that follow it on the same file (`take_probed_keyframes`): decoding a
+# keyframe is most of what those checks cost. Local files only, keyed by what changes with the bytes.
+_KEYFRAME_MEMO: OrderedDict[tuple[Any, ...], dict[float, np.ndarray]] = OrderedDict()
+_KEYFRAME_MEMO_LOCK = threading.Lock()  # downloads are probed and checked in several threads
+
+
+def _file_identity(path: VideoPath) -> tuple[Any, ...] | None:
+    target = UPath(path)
+    if target.protocol not in ("", "file"):
+        return None
+    try:
+        stat = os.stat(target.path)
+    except OSError:
+        return None
+    return (os.path.realpath(target.path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _remember_keyframes(path: VideoPath, keyframes: dict[float, np.ndarray]) -> None:
+    identity = _file_identity(path)
+    if identity is None or not keyframes:
+        return
+    with _KEYFRAME_MEMO_LOCK:
+        _KEYFRAME_MEMO[identity] = keyframes
+        _KEYFRAME_MEMO.move_to_end(identity)
+        while len(_KEYFRAME_MEMO) > KEYFRAME_MEMO_FILES:
+            _KEYFRAME_MEMO.popitem(last=False)
+
+
+def take_probed_keyframes(path: VideoPath) -> dict[float, np.ndarray]:
+    """{presentation time s: small grey keyframe (`small_luma` at `LUMA_LONG_SIDE`)} that the last
+    `probe_video` of this very file decoded, handed over once; {} when there are none."""
+    identity = _file_identity(path)
+    if identity is None:
+        return {}
+    with _KEYFRAME_MEMO_LOCK:
+        return _KEYFRAME_MEMO.pop(identity, {})
 
 
 @contextlib.contextmanager
@@ -102,11 +163,22 @@ def _seek_s(container: InputContainer, video: VideoStream, seconds: float) -> No
 
 
 def _check_decodes_to_end(
-    container: InputContainer, video: VideoStream, duration_s: float, fps: float | None, name: str
+    container: InputContainer, video: VideoStream, duration_s: float, fps: float | None, name: str,
+    keyframes: dict[float, np.ndarray] | None = None,
 ) -> None:
-    """Decode the first frame and every frame of the last `TAIL_SECONDS`; the last must reach the end."""
-    if next(container.decode(video), None) is None:
+    """Decode the first frame and every frame of the last `TAIL_SECONDS`; the last must reach the end.
+
+    The keyframes among them go into `keyframes`, small and grey (see `take_probed_keyframes`)."""
+    size, scaler = small_size(video.width, video.height), VideoReformatter()
+
+    def keep(frame: VideoFrame) -> None:
+        if keyframes is not None and frame.key_frame:
+            keyframes[_start_s(frame, video)] = small_luma(frame, size, scaler)
+
+    first = next(container.decode(video), None)
+    if first is None:
         raise MediaDecodeError(f"{name}: no decodable video frame")
+    keep(first)
     _seek_s(container, video, max(0.0, duration_s - TAIL_SECONDS))
     last: VideoFrame | None = None
     for packet in container.demux(video):
@@ -116,6 +188,7 @@ def _check_decodes_to_end(
                 f"{name}: truncated (incomplete video packet at {_start_s(packet, video):.3f} s)"
             )
         for frame in packet.decode():
+            keep(frame)
             last = frame
     if last is None:
         raise MediaDecodeError(f"{name}: truncated (no frame decodes in the last {TAIL_SECONDS:g} s)")
@@ -145,7 +218,10 @@ def probe_video(path: VideoPath, *, decode_check: bool = True) -> VideoProbe:
             tags={str(key): str(value) for key, value in container.metadata.items()},
         )
         if decode_check:
-            _check_decodes_to_end(container, video, duration_s, fps, name)
+            keyframes: dict[float, np.ndarray] = {}
+            _check_decodes_to_end(container, video, duration_s, fps, name, keyframes)
+    if decode_check:
+        _remember_keyframes(path, keyframes)  # only once the whole file proved sound
     return probe
 
 

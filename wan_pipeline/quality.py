@@ -9,12 +9,19 @@ What a wasted generation looks like, measured cheaply on small grey frames:
   frozen video scores ~0;
 - **black or blank stretches**: sampled frames that are dark (mean level below `black_level`) or
   flat (standard deviation below `flat_std`), as the longest run in seconds;
-- **audio**: present and not silent (RMS over the whole track, dBFS) when audio was asked for,
-  absent when it was not.
+- **audio**: present and not silent (RMS in dBFS) when audio was asked for, absent when it was not.
+  The RMS is over the whole track when it is short (up to AUDIO_WINDOWS x (AUDIO_WINDOW_FRAMES + 1)
+  codec frames), else over AUDIO_WINDOWS stretches spread evenly from its start to its end.
 
-Sampling keeps the cost per video small beside its download: only keyframe packets are decoded
-(real outputs and the emulator's have a keyframe every second), at most one every
-`MIN_SAMPLE_INTERVAL_S`; a file with too few keyframes is decoded in full and sampled evenly.
+Sampling keeps the cost per video small beside its download (benchmark figure 7):
+- only keyframes are decoded (real outputs and the emulator's have one every second), at most one
+  every `MIN_SAMPLE_INTERVAL_S`: found in the container's index, each is decoded alone after a seek
+  (no other packet is read); a file with too few keyframes is decoded in full and sampled evenly;
+- frames are shrunk from their luma plane straight to grey (swscale, box average), never to RGB;
+- the keyframes `media.probe_video` decoded anyway (the first frame, the last second's) are taken
+  from it when the probe of the same file came just before (`media.take_probed_keyframes`);
+- the container is opened without FFmpeg's probing decodes (`FAST_OPEN`), the source image is
+  decoded once per size (JPEG at a reduced scale) and kept for the next videos of the same image.
 
 Every threshold is a field of `QualityThresholds`, overridable through `WAN_PIPELINE_QUALITY_*`
 environment variables (see `QualityThresholds.from_env`).
@@ -22,27 +29,49 @@ environment variables (see `QualityThresholds.from_env`).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import math
 import os
-from collections.abc import Mapping
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import av
 import av.error
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image, ImageOps
 from upath import UPath
 
-from wan_pipeline.media import MediaDecodeError, VideoPath
+from wan_pipeline.media import (
+    LUMA_LONG_SIDE,
+    MediaDecodeError,
+    VideoPath,
+    small_luma,
+    small_size,
+    take_probed_keyframes,
+)
 
-ANALYSIS_LONG_SIDE = 96  # px: sampled frames are compared at this size (noise vanishes)
+ANALYSIS_LONG_SIDE = LUMA_LONG_SIDE  # px: sampled frames are compared at this size (96: noise vanishes)
 FIDELITY_LONG_SIDE = 32  # px: the first frame against the image (a few % of crop or zoom vanish too)
 MIN_SAMPLE_INTERVAL_S = 0.5  # at most two sampled frames per second
 MIN_KEYFRAME_SAMPLES = 3  # fewer keyframes than this over a video longer than 1.5 s: decode every frame
 FALLBACK_SAMPLES_PER_S = 2.0
 SSIM_WINDOW = 7
+MAX_REORDER_S = 0.25  # a keyframe is shown at most this long after its decoding time
+# Opening: the mp4 header already declares every stream, yet FFmpeg would read and decode frames to
+# guess parameters (pixel format, decoder delay): a 1080p keyframe or seven frames, most of the cost
+# of opening. Only its probing decoders see skip_frame; the ones that decode samples are separate.
+FAST_OPEN = {"probesize": "32", "skip_frame": "all"}
+AUDIO_WINDOWS = 8  # a longer track is measured over this many stretches spread evenly...
+AUDIO_WINDOW_FRAMES = 4  # ...of this many codec frames each (AAC: 1024 samples, 21 ms at 48 kHz)
+IMAGE_CACHE_ENTRIES = 64  # source images kept as small grey arrays (a few KB each)
+_IMAGE_CACHE: OrderedDict[tuple[bytes, tuple[int, int]], np.ndarray] = OrderedDict()
+_IMAGE_CACHE_LOCK = threading.Lock()  # collection measures several videos at once, in threads
 SILENCE_FLOOR_DBFS = -120.0  # what an all-zero track measures
 
 ENV_PREFIX = "WAN_PIPELINE_QUALITY_"
@@ -109,27 +138,37 @@ class QualityReport:
         return {**asdict(self), "passed": self.passed}
 
 
-def _small_size(width: int, height: int, long_side: int = ANALYSIS_LONG_SIDE) -> tuple[int, int]:
-    scale = long_side / max(width, height)
-    return max(8, round(width * scale)), max(8, round(height * scale))
-
-
 def _grey(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114).astype(np.float32)
 
 
-def _frame_grey(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
-    # swscale shrinks and converts (range included) in one step: cheap even from 1080p.
-    return _grey(frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray().astype(np.float32))
-
-
 def image_grey(image: Image.Image | bytes | VideoPath, size: tuple[int, int]) -> np.ndarray:
-    """The source image cover-fitted to `size` (centre crop, as a video of another aspect shows it)."""
+    """The source image cover-fitted to `size` (centre crop, as a video of another aspect shows it).
+
+    Bytes are remembered (by their sha1, with `size`) for the next videos of the same image: a grid
+    has many videos per source image, and decoding a large PNG costs more than the checks."""
     if isinstance(image, Image.Image):
-        picture = image
-    else:
-        data = image if isinstance(image, bytes) else UPath(image).read_bytes()
-        picture = Image.open(io.BytesIO(data))
+        return _fit_grey(image, size)
+    data = image if isinstance(image, bytes) else UPath(image).read_bytes()
+    key = (hashlib.sha1(data, usedforsecurity=False).digest(), size)
+    with _IMAGE_CACHE_LOCK:
+        cached = _IMAGE_CACHE.get(key)
+        if cached is not None:
+            _IMAGE_CACHE.move_to_end(key)
+            return cached
+    with Image.open(io.BytesIO(data)) as picture:
+        # A JPEG decodes straight at 1/2 to 1/8 scale when that still covers `size` (no loss here).
+        picture.draft("RGB", (size[0] * 2, size[1] * 2))
+        grey = _fit_grey(picture, size)
+    grey.setflags(write=False)
+    with _IMAGE_CACHE_LOCK:
+        _IMAGE_CACHE[key] = grey
+        while len(_IMAGE_CACHE) > IMAGE_CACHE_ENTRIES:
+            _IMAGE_CACHE.popitem(last=False)
+    return grey
+
+
+def _fit_grey(picture: Image.Image, size: tuple[int, int]) -> np.ndarray:
     fitted = ImageOps.fit(picture.convert("RGB"), size, Image.Resampling.BILINEAR)
     return _grey(np.asarray(fitted, dtype=np.float32))
 
@@ -138,7 +177,7 @@ def _shrink(grey: np.ndarray, long_side: int) -> np.ndarray:
     height, width = grey.shape
     if max(width, height) <= long_side:
         return grey
-    image = Image.fromarray(grey.astype(np.float32), mode="F").resize(_small_size(width, height, long_side), Image.Resampling.BOX)
+    image = Image.fromarray(grey.astype(np.float32), mode="F").resize(small_size(width, height, long_side), Image.Resampling.BOX)
     return np.asarray(image, dtype=np.float32)
 
 
@@ -148,58 +187,186 @@ def _audio_rms_dbfs(sum_squares: float, count: int) -> float:
     return max(SILENCE_FLOOR_DBFS, 20 * math.log10(math.sqrt(sum_squares / count)))
 
 
-def _decode(path: VideoPath, keyframes_only: bool, long_side: int) -> SampledVideo:
+@contextlib.contextmanager
+def _open_input(path: VideoPath) -> Iterator[av.container.InputContainer]:
+    """`path` (local or fsspec) opened for reading; FFmpeg errors become MediaDecodeError."""
     name = str(path)
-    times: list[float] = []
-    frames: list[np.ndarray] = []
-    sum_squares, sample_count = 0.0, 0
     with UPath(path).open("rb") as handle:
         try:
-            with av.open(handle, mode="r", metadata_errors="replace") as container:
+            with av.open(handle, mode="r", metadata_errors="replace", options=FAST_OPEN) as container:
                 if not container.streams.video:
                     raise MediaDecodeError(f"{name}: no video stream")
-                video = container.streams.video[0]
-                audio = container.streams.audio[0] if container.streams.audio else None
-                start = video.start_time or 0
-                if video.duration and video.time_base:
-                    duration_s = float(video.duration * video.time_base)
-                else:
-                    duration_s = (container.duration or 0) / av.time_base
-                fps = float(video.average_rate) if video.average_rate else 30.0
-                size = _small_size(video.width, video.height, long_side)
-                interval = MIN_SAMPLE_INTERVAL_S if keyframes_only else 1 / FALLBACK_SAMPLES_PER_S
-                stride = max(1, round(fps * interval))
-                next_at = -1.0
-                index = 0
-                streams = [video] + ([audio] if audio is not None else [])
-                for packet in container.demux(*streams):
-                    if packet.stream is audio:
-                        for chunk in packet.decode():
-                            raw = chunk.to_ndarray()
-                            samples = raw.astype(np.float64)
-                            if raw.dtype.kind in "iu":
-                                samples /= np.iinfo(raw.dtype).max
-                            sum_squares += float(np.square(samples).sum())
-                            sample_count += samples.size
-                        continue
-                    if packet.pts is None and packet.size == 0:
-                        decoded = packet.decode()  # flush
-                    elif keyframes_only:
-                        at = float((packet.pts - start) * packet.time_base) if packet.pts is not None else 0.0
-                        if not packet.is_keyframe or at < next_at:
-                            continue  # never decoded: that is where the time is saved
-                        decoded = packet.decode()
-                    else:
-                        decoded = packet.decode()
-                    for frame in decoded:
-                        at = float(((frame.pts or 0) - start) * frame.time_base) if frame.time_base else 0.0
-                        if keyframes_only or index % stride == 0:
-                            times.append(at)
-                            frames.append(_frame_grey(frame, size))
-                            next_at = at + interval
-                        index += 1
+                yield container
         except av.error.FFmpegError as exc:
             raise MediaDecodeError(f"{name}: not a decodable video ({exc.strerror or exc})") from exc
+
+
+def _seconds(timestamp: int | None, start: int, time_base: Any) -> float:
+    return float(((timestamp or 0) - start) * time_base) if time_base else 0.0
+
+
+def _sample_keyframes(
+    container: Any, video: Any, timestamps: list[int], size: tuple[int, int], probed: dict[float, np.ndarray]
+) -> tuple[list[float], list[np.ndarray]]:
+    """Seek to each keyframe of `timestamps` (index timestamps: decoding order) and decode that one
+    packet; no other frame of the video is read. A keyframe in `probed` (the probe of this file
+    decoded it already) is taken from there."""
+    start, time_base = video.start_time or 0, video.time_base
+    # A keyframe is shown at its decoding time, or a few frames later when the stream reorders.
+    probed_times = sorted(probed)
+    context = video.codec_context
+    context.thread_count = 1  # one frame at a time: decoder threads would only add start-up cost
+    context.skip_frame = "NONKEY"  # were a packet other than a keyframe decoded, it would cost nothing
+    context.options = {"skip_loop_filter": "all"}  # deblocking is invisible at ANALYSIS_LONG_SIDE px
+    scaler = VideoReformatter()  # one scaler set-up for every frame of this video
+    times: list[float] = []
+    frames: list[np.ndarray] = []
+    for timestamp in timestamps:
+        decoded_at = _seconds(timestamp, start, time_base)
+        known = next((t for t in probed_times if decoded_at - 1e-6 <= t < decoded_at + MAX_REORDER_S), None)
+        if known is not None:
+            if not times or known > times[-1]:
+                times.append(known)
+                frames.append(probed[known])
+            continue
+        # Forward: a keyframe's presentation time is at or after its index (decoding) time.
+        container.seek(timestamp, stream=video, backward=False)  # also resets the decoder
+        decoded: list[av.VideoFrame] = []
+        for packet in container.demux(video):
+            if packet.size == 0:
+                break
+            if packet.is_keyframe and (packet.dts is None or packet.dts >= timestamp):
+                # The keyframe alone, then drain: a decoder that reorders (B-frames) would otherwise
+                # wait for the frames after it.
+                decoded = packet.decode() or context.decode(None)
+                break
+        for frame in decoded[:1]:
+            at = _seconds(frame.pts, start, time_base)
+            if not times or at > times[-1]:
+                times.append(at)
+                frames.append(small_luma(frame, size, scaler))
+    return times, frames
+
+
+def _sample_sequentially(
+    container: Any, video: Any, keyframes_only: bool, size: tuple[int, int]
+) -> tuple[list[float], list[np.ndarray]]:
+    """Demux the video stream from its start: keyframe packets only (a file without an index), or
+    every frame decoded and sampled `FALLBACK_SAMPLES_PER_S` times a second."""
+    start, time_base = video.start_time or 0, video.time_base
+    fps = float(video.average_rate) if video.average_rate else 30.0
+    interval = MIN_SAMPLE_INTERVAL_S if keyframes_only else 1 / FALLBACK_SAMPLES_PER_S
+    stride = max(1, round(fps * interval))
+    scaler = VideoReformatter()
+    times: list[float] = []
+    frames: list[np.ndarray] = []
+    next_at, index = -1.0, 0
+    container.seek(start, stream=video, backward=True)
+    for packet in container.demux(video):
+        if packet.size == 0:
+            decoded = packet.decode()  # flush
+        elif keyframes_only:
+            if not packet.is_keyframe or _seconds(packet.pts, start, packet.time_base) < next_at:
+                continue  # never decoded: that is where the time is saved
+            decoded = packet.decode()
+        else:
+            decoded = packet.decode()
+        for frame in decoded:
+            at = _seconds(frame.pts, start, time_base)
+            if keyframes_only or index % stride == 0:
+                times.append(at)
+                frames.append(small_luma(frame, size, scaler))
+                next_at = at + interval
+            index += 1
+    return times, frames
+
+
+def _audio_windows(count: int) -> list[tuple[int, int]]:
+    """(first packet, packets) of the stretches of an audio track whose loudness is measured."""
+    length = AUDIO_WINDOW_FRAMES + 1  # the first frame after a jump is dropped (see _audio_rms)
+    if count <= AUDIO_WINDOWS * length:
+        return [(0, count)]
+    last = count - length
+    return [(round(i * last / (AUDIO_WINDOWS - 1)), length) for i in range(AUDIO_WINDOWS)]
+
+
+def _audio_rms(container: Any, audio: Any) -> float:
+    """RMS (dBFS) of the track: all of it when short, else `AUDIO_WINDOWS` stretches spread evenly
+    over it, `AUDIO_WINDOW_FRAMES` codec frames each (a bounded cost, whatever the duration)."""
+    entries = audio.index_entries
+    count = len(entries)
+    windows = _audio_windows(count) if count else [(0, -1)]  # no index: the whole track
+    sum_squares, sample_count = 0.0, 0
+    for first, length in windows:
+        whole = first == 0 and length in (-1, count)
+        target = entries[first].timestamp if count else (audio.start_time or 0)
+        container.seek(target, stream=audio, backward=True)  # also resets the decoder
+        read = 0
+        for packet in container.demux(audio):
+            if packet.size == 0 or (length != -1 and read >= length):
+                break
+            read += 1
+            for chunk in packet.decode():
+                # After a jump the decoder lacks the previous frame it overlaps with: that first frame
+                # comes out partly silent, so it is not counted (except at the very start).
+                if read == 1 and not whole:
+                    continue
+                raw = chunk.to_ndarray()
+                samples = raw.reshape(-1).astype(np.float64)
+                if raw.dtype.kind in "iu":
+                    samples /= np.iinfo(raw.dtype).max
+                sum_squares += float(samples @ samples)
+                sample_count += samples.size
+    return _audio_rms_dbfs(sum_squares, sample_count)
+
+
+def _selected_keyframes(video: Any) -> list[int] | None:
+    """Timestamps of the keyframes to sample (at most one every MIN_SAMPLE_INTERVAL_S), from the
+    container's index; None when the container has no index."""
+    entries = video.index_entries
+    if not len(entries):
+        return None
+    start, time_base = video.start_time or 0, video.time_base
+    selected: list[int] = []
+    next_at = -1.0
+    for entry in entries:
+        if entry.is_keyframe and not entry.is_discard:
+            at = _seconds(entry.timestamp, start, time_base)
+            if at >= next_at:
+                selected.append(entry.timestamp)
+                next_at = at + MIN_SAMPLE_INTERVAL_S
+    return selected
+
+
+def sample_video(path: VideoPath, *, long_side: int = ANALYSIS_LONG_SIDE) -> SampledVideo:
+    """Sampled small grey frames of a video (keyframes, else every frame sampled) and its audio RMS.
+
+    Keyframes are found in the container's index and each is decoded alone after a seek; a file with
+    fewer than MIN_KEYFRAME_SAMPLES over more than 1.5 s is decoded in full and sampled evenly.
+    """
+    with _open_input(path) as container:
+        video = container.streams.video[0]
+        audio = container.streams.audio[0] if container.streams.audio else None
+        if video.duration and video.time_base:
+            duration_s = float(video.duration * video.time_base)
+        else:
+            duration_s = (container.duration or 0) / av.time_base
+        size = small_size(video.width, video.height, long_side)
+        selected = _selected_keyframes(video)
+        if selected is not None and (len(selected) >= MIN_KEYFRAME_SAMPLES or duration_s <= 1.5):
+            keyframes_only = True
+            probed = take_probed_keyframes(path) if long_side == LUMA_LONG_SIDE else {}
+            times, frames = _sample_keyframes(container, video, selected, size, probed)
+        else:
+            times, frames, keyframes_only = [], [], selected is None
+            if selected is None:  # no index: read the keyframes in order
+                times, frames = _sample_sequentially(container, video, True, size)
+            if len(frames) < MIN_KEYFRAME_SAMPLES and duration_s > 1.5:  # too few keyframes: every frame
+                keyframes_only = False
+                times, frames = _sample_sequentially(container, video, False, size)
+        audio_rms = _audio_rms(container, audio) if audio is not None else None
+    if not frames:
+        raise MediaDecodeError(f"{path}: no decodable video frame")
     order = np.argsort(times, kind="stable")
     return SampledVideo(
         times=[times[i] for i in order],
@@ -207,18 +374,8 @@ def _decode(path: VideoPath, keyframes_only: bool, long_side: int) -> SampledVid
         duration_s=duration_s,
         keyframes_only=keyframes_only,
         has_audio=audio is not None,
-        audio_rms_dbfs=_audio_rms_dbfs(sum_squares, sample_count) if audio is not None else None,
+        audio_rms_dbfs=audio_rms,
     )
-
-
-def sample_video(path: VideoPath, *, long_side: int = ANALYSIS_LONG_SIDE) -> SampledVideo:
-    """Sampled small grey frames of a video (keyframes, else every frame sampled) and its audio RMS."""
-    sampled = _decode(path, True, long_side)
-    if len(sampled.frames) < MIN_KEYFRAME_SAMPLES and sampled.duration_s > 1.5:
-        sampled = _decode(path, False, long_side)
-    if not sampled.frames:
-        raise MediaDecodeError(f"{path}: no decodable video frame")
-    return sampled
 
 
 def _box_mean(values: np.ndarray, window: int) -> np.ndarray:
