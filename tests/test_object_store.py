@@ -250,3 +250,13 @@ def test_wan_pipeline_run_stores_a_set_in_the_bucket(workdir, s3_server, s3_root
     videos = [name for name in objects(s3_root) if name.startswith(f"{SET}/") and name.endswith((".mp4", ".json"))]
     assert len(videos) == 4
     assert not (cwd / "data" / "outputs").exists()
+
+
+def test_a_video_bought_from_another_api_is_moved_aside_inside_the_bucket(s3_root: str) -> None:
+    store = VideoStore(s3_root)
+    write_atomically(store.video_path("demo", KEY), VIDEO)
+    store.write_sidecar("demo", KEY, {"api": {"scope": "https-api.example"}})
+    moved = store.move_aside("demo", KEY, "https://api.example")
+    assert str(moved) == f"{s3_root}/demo/by-api/https-api.example/{KEY}.mp4"
+    assert objects(s3_root) == [f"demo/by-api/https-api.example/{KEY}.json", f"demo/by-api/https-api.example/{KEY}.mp4"]
+    assert UPath(str(moved)).read_bytes() == VIDEO
