@@ -242,14 +242,24 @@ def test_a_set_runs_end_to_end_on_s3_and_a_second_set_reuses_its_videos_inside_t
         assert SECRET_ACCESS_KEY not in caplog.text
 
 
-def test_wan_pipeline_run_stores_a_set_in_the_bucket(workdir, s3_server, s3_root: str) -> None:  # noqa: F811
+def test_wan_pipeline_run_then_reproduce_on_a_bucket(workdir, s3_server, s3_root: str) -> None:  # noqa: F811
     cwd, env = workdir
-    run = wan_pipeline(cwd, {**env, **s3_server.environment, "WAN_PIPELINE_OUTPUT": s3_root}, "run", "--deadline", "120")
+    env = {**env, **s3_server.environment, "WAN_PIPELINE_OUTPUT": s3_root}
+    run = wan_pipeline(cwd, env, "run", "--deadline", "120")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert f"{s3_root}/{SET}/" in run.stdout and SECRET_ACCESS_KEY not in run.stdout + run.stderr
-    videos = [name for name in objects(s3_root) if name.startswith(f"{SET}/") and name.endswith((".mp4", ".json"))]
-    assert len(videos) == 4
+    assert f"{s3_root}/{SET}/" in run.stdout
+    sidecars = [name for name in objects(s3_root) if name.startswith(f"{SET}/") and name.endswith(".json")]
+    assert len(sidecars) == 2
+    key = Path(sidecars[0]).stem
+
+    # The reproduction reads the sidecar and the original video from the bucket, and stores its own there.
+    again = wan_pipeline(cwd, env, "reproduce", key, "--yes", "--deadline", "60")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"-> {s3_root}/{SET}/reproductions/{key}.attempt2.mp4" in again.stdout
+    assert "closeness to the original: identical" in again.stdout
+    assert {f"{SET}/reproductions/{key}.attempt2{suffix}" for suffix in (".mp4", ".json")} <= set(objects(s3_root))
     assert not (cwd / "data" / "outputs").exists()
+    assert SECRET_ACCESS_KEY not in run.stdout + run.stderr + again.stdout + again.stderr
 
 
 def test_a_video_bought_from_another_api_is_moved_aside_inside_the_bucket(s3_root: str) -> None:
