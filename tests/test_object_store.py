@@ -76,6 +76,11 @@ def writes(calls: list[str]) -> list[str]:
     return [method for method in calls if method in WRITES]
 
 
+def unfinished_uploads(root: str) -> list[dict[str, Any]]:
+    """The multipart uploads begun and neither completed nor aborted in `root`'s bucket."""
+    return fresh_filesystem().list_multipart_uploads(root.removeprefix("s3://").split("/")[0])
+
+
 def objects(root: str) -> list[str]:
     """Every object under `root`, relative to it, as the server lists them now."""
     base = root.removeprefix("s3://")
@@ -123,7 +128,7 @@ def test_an_upload_failing_midway_leaves_no_object_and_no_open_upload(
         staged.publish()
     assert "create_multipart_upload" in calls and "complete_multipart_upload" not in calls
     assert objects(s3_root) == []
-    assert fresh_filesystem().list_multipart_uploads(s3_root.removeprefix("s3://").split("/")[0]) == []
+    assert unfinished_uploads(s3_root) == []
 
 
 def test_a_writer_killed_before_its_upload_completes_leaves_no_object(s3_root: str, s3_server, tmp_path: Path) -> None:
@@ -144,7 +149,7 @@ def test_a_writer_killed_before_its_upload_completes_leaves_no_object(s3_root: s
     # Every byte is on the server, and still no object: an unfinished multipart upload is invisible
     # (a lifecycle rule on the bucket removes it; see the README).
     assert objects(s3_root) == []
-    (unfinished,) = fresh_filesystem().list_multipart_uploads(s3_root.removeprefix("s3://").split("/")[0])
+    (unfinished,) = unfinished_uploads(s3_root)
     assert unfinished["Key"] == f"prefix/demo/{KEY}.mp4"
 
 
