@@ -80,7 +80,10 @@ class Project:
             return sensor(context)
 
 
-def make_project(tmp_path: Path, emulator, monkeypatch, instance: dg.DagsterInstance) -> Project:
+def make_project(
+    tmp_path: Path, emulator, monkeypatch, instance: dg.DagsterInstance, *, output: str | None = None
+) -> Project:
+    """The project in `tmp_path`; its videos and tables go to `output` (a path or URL) if given."""
     catalog_dir = tmp_path / "configs" / "prompt_sets"
     catalog_dir.mkdir(parents=True)
     images = tmp_path / "data" / "images"
@@ -89,7 +92,7 @@ def make_project(tmp_path: Path, emulator, monkeypatch, instance: dg.DagsterInst
         "AIMLAPI_API_KEY": EMULATOR_API_KEY,
         "AIMLAPI_BASE_URL": emulator.base_url,
         "WAN_PIPELINE_CATALOG_DIR": str(catalog_dir),
-        "WAN_PIPELINE_OUTPUT": str(tmp_path / "outputs"),
+        "WAN_PIPELINE_OUTPUT": output or str(tmp_path / "outputs"),
         "WAN_PIPELINE_LEDGER_URL": f"sqlite:///{tmp_path / 'ledger.sqlite'}",
         "WAN_PIPELINE_ALLOWED_ROOTS": str(tmp_path),
         "WAN_PIPELINE_EXPECTED_SECONDS": "0.5",

@@ -3,7 +3,8 @@
 A video is stored once per set: a file whose sha256 matches its sidecar (for this API) is kept; a
 request another set already stored is copied inside the store, verified by sha256, with no call to
 the provider (its signed URL may be long expired: the real API keeps results 24 h); anything else
-is downloaded to a temporary name, checked (size, hash, probe) and only then given its final name.
+is downloaded to a temporary file, checked (size, hash, probe) and only then given its final name
+(renamed on a local disk, uploaded in one put to an object store: see `wan_pipeline.storage`).
 An expired signed URL is refreshed by polling the generation again. The sidecar next to each video
 is the experiment's record: which API bought it, what was asked (the image identified by content),
 what was paid, how long it took, and what came back (probed, not assumed).
@@ -258,19 +259,17 @@ async def _collect_one(
         )
         report.videos.append(CollectedVideo(key, str(copied), copy.sha256, copy.size_bytes, probe, "copied", quality))
         return
-    staged = store.staging_path(prompt_set, key)
     try:
-        size, sha = await _download_fresh(
-            ledger, client, row, staged, report, client.config.max_video_bytes_for(request.request)
-        )
-        probe = await asyncio.to_thread(_probe_dict, staged)
-        quality = await asyncio.to_thread(measure_quality, request, staged, thresholds)
-        final = await asyncio.to_thread(store.promote, staged, prompt_set, key)
+        # Whatever fails the size, hash or probe check never reaches the video's final name: it is
+        # published (renamed, or uploaded to an object store) only once checked and measured.
+        with store.staged_video(prompt_set, key) as staged:
+            size, sha = await _download_fresh(
+                ledger, client, row, staged.path, report, client.config.max_video_bytes_for(request.request)
+            )
+            probe = await asyncio.to_thread(_probe_dict, staged.path)
+            quality = await asyncio.to_thread(measure_quality, request, staged.path, thresholds)
+            final = await asyncio.to_thread(staged.publish)
     except (ApiError, MediaDecodeError, OSError) as exc:
-        # Whatever failed the size, hash or probe check never stays under the video's final name.
-        with contextlib.suppress(OSError):
-            if staged.exists():
-                staged.unlink()
         why = printable(f"{exc.__class__.__name__}: {exc}", 500)
         await asyncio.to_thread(ledger.note_collection_problem, key, f"not stored: {why}")
         report.failures.append((key, why))

@@ -50,7 +50,7 @@ from wan_pipeline.models import VideoRequest, request_key
 from wan_pipeline.quality import Closeness, QualityThresholds, closeness
 from wan_pipeline.safe_text import printable
 from wan_pipeline.sources import MediaError, resolve_local_path
-from wan_pipeline.storage import VideoStore, atomic_writer, file_sha256, temporary_path
+from wan_pipeline.storage import VideoStore, atomic_writer, file_sha256, staged_file, write_atomically
 from wan_pipeline.submission import try_recorder
 
 TABLE_NAME = "experiment"
@@ -168,12 +168,10 @@ def experiment_table(ledger: Ledger, store: VideoStore, requests: Sequence[Catal
 def write_experiment_table(store: VideoStore, prompt_set: str, frame: pd.DataFrame) -> tuple[str, str]:
     """`<output>/<set>/experiment.parquet` and `.csv`, each written atomically. Returns both paths."""
     folder = store.set_dir(prompt_set)
-    folder.mkdir(parents=True, exist_ok=True)
     parquet, csv = folder / f"{TABLE_NAME}.parquet", folder / f"{TABLE_NAME}.csv"
     with atomic_writer(parquet) as handle:
         frame.to_parquet(handle, index=False)
-    with atomic_writer(csv) as handle:
-        handle.write(frame.to_csv(index=False).encode())
+    write_atomically(csv, frame.to_csv(index=False).encode())
     return str(parquet), str(csv)
 
 
@@ -363,13 +361,10 @@ def write_comparison_sheets(
 ) -> list[str]:
     """Draw and write every page (one in memory at a time); `on_page` sees each PNG (the UI's first)."""
     folder = store.set_dir(prompt_set)
-    folder.mkdir(parents=True, exist_ok=True)
     written = []
     for page in comparison_layout(frame):
         png = render_comparison_page(page)
-        path = folder / sheet_name(page)
-        with atomic_writer(path) as handle:
-            handle.write(png)
+        path = write_atomically(folder / sheet_name(page), png)
         if on_page is not None:
             on_page(page, png)
         written.append(str(path))
@@ -630,15 +625,15 @@ def _finish_reproduction(
                                  f"{final.error or ''}", 500)
         ledger.note_attempt_error(key, attempt, result.error)
         return result
+    destination = reproduction_path(store, plan)
     try:
-        destination = reproduction_path(store, plan)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        staged = temporary_path(destination)
-        size, sha = client.download(
-            final.video_url, staged, max_bytes=max_video_bytes(request.request.resolution, request.request.duration)
-        )
-        probe = probe_video(staged).to_dict()
-        staged.rename(destination)
+        with staged_file(destination) as staged:
+            size, sha = client.download(
+                final.video_url, staged.path,
+                max_bytes=max_video_bytes(request.request.resolution, request.request.duration),
+            )
+            probe = probe_video(staged.path).to_dict()
+            staged.publish()
     except Exception as exc:
         result.error = printable(f"bought, not stored yet (rerun to resume): {type(exc).__name__}: {exc}", 500)
         ledger.note_attempt_error(key, attempt, result.error)
@@ -658,8 +653,7 @@ def _finish_reproduction(
         "quality": result.quality, "closeness": result.closeness.to_dict(),
         "expects_audio": expects_audio(request),
     }
-    with atomic_writer(destination.with_suffix(".json")) as handle:
-        handle.write(json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode())
+    write_atomically(destination.with_suffix(".json"), json.dumps(sidecar, indent=2, sort_keys=True, default=str).encode())
     return result
 
 

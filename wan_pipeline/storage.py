@@ -1,12 +1,20 @@
 """The video store: `<root>/<prompt_set>/<request_key>.mp4` plus a `.json` provenance sidecar.
 
-The root is any fsspec URL or local path (through universal-pathlib). Files are written under a
-temporary name and renamed only once complete, so a reader never sees a half-written video; a
-video whose sha256 matches its sidecar is "verified" and never downloaded again.
+The root is any fsspec URL or local path (through universal-pathlib). A file appears under its
+final name complete or not at all, so a reader never sees a half-written video; a video whose
+sha256 matches its sidecar is "verified" and never downloaded again. How depends on the filesystem:
 
-Temporary names say who wrote them (`.<name>.<host tag>-<pid>-<token>.part`), so a later collection
-can sweep what a killed writer left (SIGKILL skips every `finally`) without touching a file that
-another live process is still writing, and without touching anything the project did not name.
+- Where a rename is atomic (a local disk), a file is written under a temporary sibling name and
+  renamed once complete (and checked, for a video).
+- On an object store (S3 and the like) a rename is a copy and a delete, and a temporary object is
+  what a crash leaves behind. There a file is written on local disk (the temp folder), checked
+  there, and uploaded to its final key in one put: a single PUT, or a multipart upload that the
+  store assembles only when it is completed (and that s3fs aborts on error). An object is all or
+  nothing; nothing temporary is ever written to the store.
+
+Local temporary names say who wrote them (`.<name>.<host tag>-<pid>-<token>.part`), so a later
+collection can sweep what a killed writer left (SIGKILL skips every `finally`) without touching a
+file that another live process is still writing, and without touching anything the project did not name.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +44,8 @@ TEMPORARY = re.compile(r"\.(?P<name>[\w.-]+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)
 BY_API = "by-api"
 # A temporary of another host is swept once it is this old (its writer cannot be asked).
 FOREIGN_TEMPORARY_AGE_S = 3600.0
+# Protocols whose rename is atomic (universal-pathlib gives a plain local path the protocol "").
+RENAMING_PROTOCOLS = frozenset({"", "file", "local", "memory"})
 
 
 def _checked(pattern: re.Pattern[str], value: str, what: str) -> str:
@@ -43,19 +55,60 @@ def _checked(pattern: re.Pattern[str], value: str, what: str) -> str:
     return value
 
 
+def renames_atomically(path: UPath) -> bool:
+    """Whether `path`'s filesystem renames atomically (a local disk, fsspec's memory filesystem):
+    there files are staged beside their final name. Elsewhere (object stores) they are uploaded."""
+    return path.protocol in RENAMING_PROTOCOLS
+
+
+class StagedFile:
+    """A file being written and checked at `path`; `publish` gives it its final name `final`."""
+
+    def __init__(self, path: UPath, final: UPath):
+        self.path, self.final = path, final
+
+    def publish(self) -> UPath:
+        if renames_atomically(self.final):
+            self.path.rename(self.final)
+        else:
+            # One upload from local disk: the key holds the whole file from the moment it exists.
+            self.final.fs.put_file(str(self.path), self.final.path)
+        return self.final
+
+
+@contextlib.contextmanager
+def staged_file(destination: str | UPath) -> Iterator[StagedFile]:
+    """A temporary file for `destination`, removed on leaving the block unless it was published: a
+    sibling temporary name where renames are atomic, a file in the local temp folder otherwise (so
+    a video is probed and measured on local disk before its one upload)."""
+    final = UPath(destination)
+    if renames_atomically(final):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        path = temporary_path(final)
+    else:
+        descriptor, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part")
+        os.close(descriptor)
+        path = UPath(name)
+    try:
+        yield StagedFile(path, final)
+    finally:
+        path.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_writer(destination: str | UPath) -> Iterator[IO[bytes]]:
-    """Write to a temporary sibling, rename onto `destination` only if the block succeeds."""
-    final = UPath(destination)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    partial = temporary_path(final)
-    try:
-        with partial.open("wb") as handle:
+    """Write a file that appears under `destination` only if the block succeeds, and then complete."""
+    with staged_file(destination) as staged:
+        with staged.path.open("wb") as handle:
             yield handle
-        partial.rename(final)
-    finally:
-        if partial.exists():
-            partial.unlink()
+        staged.publish()
+
+
+def write_atomically(destination: str | UPath, data: bytes) -> UPath:
+    """`destination` holds `data` complete, or keeps what it held (one put on an object store)."""
+    with atomic_writer(destination) as handle:
+        handle.write(data)
+    return UPath(destination)
 
 
 def _scope_slug(api_scope: str) -> str:
@@ -81,8 +134,9 @@ def _writer_gone(host: str, pid: int, modified: float | None) -> bool:
 
 
 def sweep_temporaries(folder: UPath) -> list[str]:
-    """Remove the temporaries in `folder` whose writer is gone; returns their names."""
-    if not folder.exists():
+    """Remove the temporaries in `folder` whose writer is gone; returns their names. On an object
+    store there is nothing to sweep (nothing is written there under a temporary name): not even listed."""
+    if not renames_atomically(folder) or not folder.exists():
         return []
     removed = []
     for path in folder.iterdir():
@@ -123,36 +177,37 @@ class VideoStore:
     def video_path(self, prompt_set: str, request_key: str) -> UPath:
         return self.set_dir(prompt_set) / f"{_checked(KEY, request_key, 'request key')}.mp4"
 
-    def staging_path(self, prompt_set: str, request_key: str) -> UPath:
-        """Where a download waits, under a temporary name, until it is verified and probed."""
-        return temporary_path(self.video_path(prompt_set, request_key))
-
-    def promote(self, staged: UPath, prompt_set: str, request_key: str) -> UPath:
-        """Give a verified file its final name."""
-        final = self.video_path(prompt_set, request_key)
-        staged.rename(final)
-        return final
+    def staged_video(self, prompt_set: str, request_key: str) -> contextlib.AbstractContextManager[StagedFile]:
+        """Where a download waits until it is verified and probed; `publish()` stores it."""
+        return staged_file(self.video_path(prompt_set, request_key))
 
     def copy_verified(self, source: str | UPath, prompt_set: str, request_key: str, sha256: str) -> UPath | None:
-        """Copy a stored video into `prompt_set`'s folder (server-side where the filesystem can), verify
-        its sha256, and only then give it its final name. None when the source is gone or differs."""
-        source = UPath(source)
-        staged = self.staging_path(prompt_set, request_key)
-        staged.parent.mkdir(parents=True, exist_ok=True)
+        """Copy a stored video into `prompt_set`'s folder and verify its sha256 by reading the copy
+        back. None when the source is gone or differs (and then nothing of it is left here).
+
+        Inside one object store the copy is server-side, straight to the final key (a temporary key
+        is an object a crash would leave behind); a copy that does not hash to `sha256` is deleted,
+        and until then it counts for nothing: a video is only verified by a sidecar recording its
+        hash, written after this returns. Anywhere else the copy is staged and published as a download is."""
+        source, final = UPath(source), self.video_path(prompt_set, request_key)
         try:
-            if source.protocol == staged.protocol:
-                source.fs.copy(source.path, staged.path)
-            else:
-                staged.write_bytes(source.read_bytes())
-            if file_sha256(staged)[1] != sha256:
+            if source.protocol == final.protocol and not renames_atomically(final):
+                final.fs.copy(source.path, final.path)
+                if file_sha256(final)[1] == sha256:
+                    return final
+                final.unlink(missing_ok=True)
                 return None
-            return self.promote(staged, prompt_set, request_key)
+            with staged_file(final) as staged:
+                if source.protocol == staged.path.protocol:
+                    source.fs.copy(source.path, staged.path.path)
+                else:
+                    with source.open("rb") as reader, staged.path.open("wb") as writer:
+                        shutil.copyfileobj(reader, writer, CHUNK)
+                if file_sha256(staged.path)[1] != sha256:
+                    return None
+                return staged.publish()
         except FileNotFoundError:
             return None
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                if staged.exists():
-                    staged.unlink()
 
     def move_aside(self, prompt_set: str, request_key: str, api_scope: str) -> UPath | None:
         """Move a request's video and sidecar bought from another API to `<set>/by-api/<scope>/`, so
@@ -175,10 +230,10 @@ class VideoStore:
         return self.set_dir(prompt_set) / f"{_checked(KEY, request_key, 'request key')}.json"
 
     def write_sidecar(self, prompt_set: str, request_key: str, provenance: dict[str, Any]) -> UPath:
-        path = self.sidecar_path(prompt_set, request_key)
-        with atomic_writer(path) as handle:
-            handle.write(json.dumps(provenance, indent=2, sort_keys=True, default=str).encode())
-        return path
+        return write_atomically(
+            self.sidecar_path(prompt_set, request_key),
+            json.dumps(provenance, indent=2, sort_keys=True, default=str).encode(),
+        )
 
     def read_sidecar(self, prompt_set: str, request_key: str) -> dict[str, Any] | None:
         path = self.sidecar_path(prompt_set, request_key)

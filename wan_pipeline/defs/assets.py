@@ -16,7 +16,7 @@ from wan_pipeline.media import contact_sheet
 from wan_pipeline.polling import wait_until_terminal
 from wan_pipeline.safe_text import printable
 from wan_pipeline.settings import SettingsError, env_number
-from wan_pipeline.storage import file_sha256
+from wan_pipeline.storage import file_sha256, write_atomically
 from wan_pipeline.submission import BudgetExceeded, SubmissionPlan, plan_submission, submit_prompt_set
 
 from .partitions import prompt_sets
@@ -428,8 +428,7 @@ def downloaded_videos(
             ],
             tile_width=240,
         )
-        sheet_path = store.set_dir(context.partition_key) / "contact_sheet.png"
-        sheet_path.write_bytes(sheet)
+        sheet_path = write_atomically(store.set_dir(context.partition_key) / "contact_sheet.png", sheet)
         caption = "" if len(shown) == len(report.videos) else f"\n\nFirst {len(shown)} of {len(report.videos)} videos."
         metadata["contact_sheet"] = dg.MetadataValue.md(
             f"![contact sheet](data:image/png;base64,{base64.b64encode(sheet).decode()}){caption}"

@@ -7,6 +7,7 @@ import pandas as pd
 from upath import UPath
 
 from wan_pipeline.safe_text import printable
+from wan_pipeline.storage import atomic_writer
 
 # What to run first when an asset's input was never materialized for a set, and why it is missing.
 SUBMIT_FIRST = "nothing was submitted for it: run submit_prompt_set (generation_requests + submitted_generations) for this set first"
@@ -29,8 +30,9 @@ class ParquetUPathIOManager(dg.UPathIOManager):
     extension = ".parquet"
 
     def dump_to_path(self, context: dg.OutputContext, obj: pd.DataFrame, path: UPath) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as handle:
+        # Not `path.open("wb")`: an fsspec file on an object store uploads what it holds even when the
+        # write fails midway (closing it commits), and a local one is overwritten in place.
+        with atomic_writer(path) as handle:
             obj.to_parquet(handle, index=False)
 
     def load_from_path(self, context: dg.InputContext, path: UPath) -> pd.DataFrame:
