@@ -39,13 +39,16 @@ def materialization(result: dg.ExecuteInProcessResult, asset: str) -> dict:
     raise AssertionError(f"{asset} was not materialized")
 
 
-def tick_until_collect_requested(project: Project, cursor: str | None = None, limit_s: float = 30.0):
-    """Evaluate the completion sensor on its own clock until it asks for a collection run."""
+def tick_until_collect_requested(
+    project: Project, cursor: str | None = None, limit_s: float = 30.0, prompt_set: str | None = None
+):
+    """Evaluate the completion sensor on its own clock until it asks for a collection run (of
+    `prompt_set`, when given: another set that became ready meanwhile gets a request of its own)."""
     give_up = time.monotonic() + limit_s
     while time.monotonic() < give_up:
         result = project.tick("generation_completion_sensor", cursor)
         cursor = result.cursor
-        if result.run_requests:
+        if any(prompt_set in (None, r.partition_key) for r in result.run_requests):
             return result, cursor
         time.sleep(0.1)
     raise AssertionError("the completion sensor never requested a collection run")
@@ -54,8 +57,8 @@ def tick_until_collect_requested(project: Project, cursor: str | None = None, li
 def run_sensor_path(project: Project, prompt_set: str = SET) -> dg.ExecuteInProcessResult:
     submitted = project.submit(prompt_set)
     assert submitted.success
-    result, _ = tick_until_collect_requested(project)
-    (request,) = result.run_requests
+    result, _ = tick_until_collect_requested(project, prompt_set=prompt_set)
+    (request,) = [r for r in result.run_requests if r.partition_key == prompt_set]
     return project.collect(prompt_set, **{"dagster/run_key": request.run_key})
 
 
