@@ -1,14 +1,21 @@
-"""Shared fixtures: one running emulator per test session (faults and stats reset for every test)."""
+"""Shared fixtures: one running emulator per test session (faults and stats reset for every test), and a
+throwaway PostgreSQL database per test (or per module) when WAN_PIPELINE_TEST_POSTGRES_URL is set."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from ledger_worker import Clock, LedgerTarget, ledger_target
+from psycopg2 import sql
+from sqlalchemy.engine import make_url
 
 from wan_pipeline.api import ClientConfig
 from wan_pipeline.emulator import EmulatorConfig, FaultConfig, running_emulator
@@ -75,3 +82,32 @@ def ledger(target: LedgerTarget, clock: Clock) -> Iterator[Ledger]:
     opened = target.open(clock=clock)
     yield opened
     opened.close()
+
+
+POSTGRES_URL = os.environ.get("WAN_PIPELINE_TEST_POSTGRES_URL")
+
+
+@contextmanager
+def throwaway_database() -> Iterator[str]:
+    """The URL of a database created on WAN_PIPELINE_TEST_POSTGRES_URL's server and dropped (with its
+    connections) afterwards."""
+    assert POSTGRES_URL, "WAN_PIPELINE_TEST_POSTGRES_URL not set"
+    name = f"wan_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg2.connect(POSTGRES_URL)
+    admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
+    try:
+        with admin.cursor() as cursor:
+            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
+        with admin.cursor() as cursor:
+            # FORCE: the ledger's cached engine and Dagster's event watcher may still hold connections.
+            cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    finally:
+        admin.close()
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A database of its own for this test (see `throwaway_database`)."""
+    with throwaway_database() as url:
+        yield url

@@ -1,7 +1,8 @@
 """The production instance config (`deploy/dagster.yaml`) on a real PostgreSQL: a prompt set runs end to end.
 
-Each test gets its own throwaway database (dagster-postgres has no schema option), used for both the
-Dagster storage and the generation ledger, so parallel workers never share tables.
+Each test gets its own throwaway database (the `postgres_database` fixture of conftest; dagster-postgres
+has no schema option), used for both the Dagster storage and the generation ledger, so parallel workers
+never share tables.
 """
 
 from __future__ import annotations
@@ -10,18 +11,15 @@ import dataclasses
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
-import psycopg2
 import pytest
 from dagster_postgres import PostgresEventLogStorage, PostgresRunStorage
 from pipeline_support import REPO, Project, make_project
-from psycopg2 import sql
 from sqlalchemy.engine import make_url
 
 from wan_pipeline.definitions import build_definitions
@@ -45,23 +43,6 @@ pytestmark = [
     pytest.mark.postgres,
     pytest.mark.skipif(not POSTGRES_URL, reason="WAN_PIPELINE_TEST_POSTGRES_URL not set"),
 ]
-
-
-@pytest.fixture
-def postgres_database() -> Iterator[str]:
-    """The URL of a database created for this test and dropped (with its connections) afterwards."""
-    name = f"wan_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(POSTGRES_URL)
-    admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
-    try:
-        with admin.cursor() as cursor:
-            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
-        with admin.cursor() as cursor:
-            # FORCE: the ledger's cached engine and Dagster's event watcher may still hold connections.
-            cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
-    finally:
-        admin.close()
 
 
 @pytest.fixture
