@@ -1,4 +1,5 @@
-"""Shared fixtures: one running emulator per test session (faults and stats reset for every test)."""
+"""Shared fixtures: one running emulator per test session (faults and stats reset for every test), and a
+throwaway PostgreSQL database per test (or per module) when WAN_PIPELINE_TEST_POSTGRES_URL is set."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,21 +84,32 @@ def ledger(target: LedgerTarget, clock: Clock) -> Iterator[Ledger]:
     opened.close()
 
 
-@pytest.fixture
-def postgres_database() -> Iterator[str]:
-    """The URL of a database created for this test and dropped (with its connections) afterwards."""
-    admin_url = os.environ.get("WAN_PIPELINE_TEST_POSTGRES_URL")
-    if not admin_url:
-        pytest.skip("WAN_PIPELINE_TEST_POSTGRES_URL not set")
+POSTGRES_URL = os.environ.get("WAN_PIPELINE_TEST_POSTGRES_URL")
+
+
+@contextmanager
+def throwaway_database() -> Iterator[str]:
+    """The URL of a database created on WAN_PIPELINE_TEST_POSTGRES_URL's server and dropped (with its
+    connections) afterwards."""
+    assert POSTGRES_URL, "WAN_PIPELINE_TEST_POSTGRES_URL not set"
     name = f"wan_test_{uuid.uuid4().hex[:12]}"
-    admin = psycopg2.connect(admin_url)
+    admin = psycopg2.connect(POSTGRES_URL)
     admin.autocommit = True  # CREATE/DROP DATABASE cannot run inside a transaction
     try:
         with admin.cursor() as cursor:
             cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        yield make_url(POSTGRES_URL).set(database=name).render_as_string(hide_password=False)
         with admin.cursor() as cursor:
             # FORCE: the ledger's cached engine and Dagster's event watcher may still hold connections.
             cursor.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     finally:
         admin.close()
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A database of its own for this test (see `throwaway_database`)."""
+    if not POSTGRES_URL:
+        pytest.skip("WAN_PIPELINE_TEST_POSTGRES_URL not set")
+    with throwaway_database() as url:
+        yield url

@@ -1,7 +1,8 @@
 """The production instance config (`deploy/dagster.yaml`) on a real PostgreSQL: a prompt set runs end to end.
 
-Each test gets its own throwaway database (dagster-postgres has no schema option), used for both the
-Dagster storage and the generation ledger, so parallel workers never share tables.
+Each test gets its own throwaway database (the `postgres_database` fixture of conftest; dagster-postgres
+has no schema option), used for both the Dagster storage and the generation ledger, so parallel workers
+never share tables.
 """
 
 from __future__ import annotations
