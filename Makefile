@@ -35,7 +35,7 @@ screenshots: $(STAMP)
 	$(BIN)/python scripts/screenshots.py --out docs
 
 lint: $(STAMP)
-	$(BIN)/ruff check wan_pipeline tests benchmarks
+	$(BIN)/ruff check wan_pipeline tests benchmarks scripts
 	$(BIN)/hadolint Dockerfile
 
 # Re-resolve the pinned versions (needs uv: `pip install uv`).

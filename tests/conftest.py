@@ -22,6 +22,21 @@ from wan_pipeline.emulator import EmulatorConfig, FaultConfig, running_emulator
 from wan_pipeline.ledger import Ledger
 from wan_pipeline.settings import Secret
 
+# CI (`.ci/run`) sets this: every service a production-mode test needs runs there, so a skip in CI
+# is a failure (a service that did not start, a missing dependency), never a silent pass.
+NO_SKIPS = bool(os.environ.get("WAN_PIPELINE_NO_SKIPS"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where it must run (WAN_PIPELINE_NO_SKIPS): {reason}"
+
+
 EMULATOR_API_KEY = "sk-test-emulator-4f9c2d7e1a"
 EMULATOR_LATENCY_S = 0.6
 
