@@ -223,6 +223,14 @@ def rendered_instance(spec: dict[str, Any]) -> dict[str, Any]:
         },
         "telemetry": {"enabled": spec["telemetry"]["enabled"]},
     }
+    logs = spec["computeLogManager"]
+    if logs["type"] == "S3ComputeLogManager":  # as templates/helpers/instance/_compute-log-manager.tpl
+        s3 = logs["config"]["s3ComputeLogManager"]
+        config["compute_logs"] = {
+            "module": "dagster_aws.s3.compute_log_manager",
+            "class": "S3ComputeLogManager",
+            "config": {"bucket": s3["bucket"], "prefix": s3["prefix"]},
+        }
     config.update(copy.deepcopy(spec["additionalInstanceConfig"]))
     return config
 
@@ -254,6 +262,10 @@ def test_values_carry_the_limits_of_deploy_dagster_yaml(tmp_path: Path) -> None:
         assert [limit["key"] for limit in queue.tag_concurrency_limits] == ["dagster/partition"]
         assert instance.get_concurrency_config().pool_config.default_pool_limit == pool_limit
         assert instance.run_monitoring_enabled and instance.run_monitoring_max_resume_run_attempts == 0
+        # Step logs leave the run's pod: they go to the outputs' bucket, under a prefix of their own.
+        assert type(instance.compute_log_manager).__name__ == "S3ComputeLogManager"
+    output_bucket = user_deployment()["env"]["WAN_PIPELINE_OUTPUT"].removeprefix("s3://").split("/")[0]
+    assert rendered["compute_logs"]["config"]["bucket"] == output_bucket
 
 
 def test_sizing_script_reads_the_latest_results() -> None:
