@@ -93,7 +93,7 @@ def test_the_experiment_table_has_every_request_field_and_reads_back_in_one_line
     for column in ("prompt", "negative_prompt", "seed", "image_ref", "image_sha256", "resolution", "duration",
                    "shot_type", "generate_audio", "enhance_prompt", "state", "usd_spent", "usd_all_attempts",
                    "submitted_at", "completed_at", "processing_s", "quality_passed", "first_frame_ssim", "motion",
-                   "longest_blank_s", "audio_rms_dbfs"):
+                   "longest_frozen_s", "longest_blank_s", "audio_rms_dbfs"):
         assert column in frame.columns
     assert len(frame) == 24 and set(frame["state"]) == {"not_planned"}
     store = VideoStore(str(tmp_path / "out"))

@@ -196,7 +196,7 @@ def test_keyframes_are_sampled_by_seeking_each_one_even_when_frames_are_reordere
         assert assess_video(video, source_image=source, expect_audio=False).passed
 
 
-def test_sampled_motion_flags_a_frozen_video_and_sees_a_video_freeze_halfway(tmp_path: Path, source) -> None:
+def test_sampled_motion_flags_a_frozen_video_and_a_video_frozen_halfway(tmp_path: Path, source) -> None:
     still = source.resize(SIZE)
     for preset in ("ultrafast", "veryfast"):
         frozen = make_video(tmp_path / f"frozen-{preset}.mp4", lambda i, n: still, seconds=4, preset=preset)
@@ -208,9 +208,14 @@ def test_sampled_motion_flags_a_frozen_video_and_sees_a_video_freeze_halfway(tmp
     steps = _steps(sample_video(half).frames)
     # Frames sampled in the second half really come from it: they no longer change.
     assert len(steps) == 5 and min(steps[:3]) > 1.0 and max(steps[3:]) < 0.2
-    # The metric is the mean over the video: half the motion of the same pan kept going.
-    ratio = assess_video(half, source_image=source, expect_audio=False).motion / sample_video_motion(full)
-    assert 0.4 < ratio < 0.75
+    # The mean over the video is half the motion of the same pan kept going: it alone would pass...
+    report = assess_video(half, source_image=source, expect_audio=False)
+    assert 0.4 < report.motion / sample_video_motion(full) < 0.75
+    assert report.motion > QualityThresholds().min_motion
+    # ...so the frozen second half fails on its own (sampled from 3 s to the last sample, at 5 s).
+    assert report.longest_frozen_s == 2.0
+    assert report.failures == ["motion: frozen for 2.0 s (sampled frames changing less than 0.5), above 1.5 s"]
+    assert assess_video(full, source_image=source, expect_audio=False).longest_frozen_s == 0.0
 
 
 def sample_video_motion(path: Path) -> float:

@@ -55,7 +55,7 @@ from wan_pipeline.submission import try_recorder
 
 TABLE_NAME = "experiment"
 QUALITY_COLUMNS = (
-    "first_frame_ssim", "first_frame_psnr_db", "motion", "longest_blank_s", "blank_fraction", "audio_rms_dbfs",
+    "first_frame_ssim", "first_frame_psnr_db", "motion", "longest_frozen_s", "longest_blank_s", "blank_fraction", "audio_rms_dbfs",
 )
 # Every column of the experiment table, in order.
 EXPERIMENT_COLUMNS = (

@@ -6,7 +6,8 @@ What a wasted generation looks like, measured cheaply on small grey frames:
   frame and the image (cover-fitted to the video's aspect) are shrunk to `FIDELITY_LONG_SIDE` px and
   compared with a structural similarity (SSIM, 7x7 windows) and a PSNR;
 - **motion**: the mean absolute grey-level difference (0-255) between consecutive sampled frames; a
-  frozen video scores ~0;
+  frozen video scores ~0. A video frozen for part of its length (a mean can still pass) is caught by
+  its longest frozen stretch: consecutive samples that change less than `min_motion`;
 - **black or blank stretches**: sampled frames that are dark (mean level below `black_level`) or
   flat (standard deviation below `flat_std`), as the longest run in seconds;
 - **audio**: present and not silent (RMS in dBFS) when audio was asked for, absent when it was not.
@@ -36,7 +37,7 @@ import math
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -86,6 +87,7 @@ class QualityThresholds:
     black_level: float = 20.0  # a frame darker than this on average (0..255) is black
     flat_std: float = 3.0  # a frame whose grey levels vary less than this is blank
     max_blank_s: float = 1.0  # longest tolerated black/blank stretch, seconds
+    max_frozen_s: float = 1.5  # longest tolerated stretch changing less than min_motion, seconds
     min_audio_dbfs: float = -50.0  # a requested track quieter than this (RMS) is silent
 
     @classmethod
@@ -123,6 +125,7 @@ class QualityReport:
     first_frame_ssim: float | None  # None: no local source image to compare with
     first_frame_psnr_db: float | None
     motion: float | None  # None: fewer than two sampled frames
+    longest_frozen_s: float
     longest_blank_s: float
     blank_fraction: float
     has_audio: bool
@@ -404,6 +407,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 100.0 if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
+def _longest_run(flags: Sequence[bool], starts: Sequence[float], ends: Sequence[float]) -> float:
+    """The longest total duration of consecutive flagged spans (`starts[i]`..`ends[i]`), seconds."""
+    longest = current = 0.0
+    for flagged, start, end in zip(flags, starts, ends, strict=True):
+        current = current + (end - start) if flagged else 0.0
+        longest = max(longest, current)
+    return longest
+
+
 def _blank_runs(sampled: SampledVideo, thresholds: QualityThresholds) -> tuple[float, float]:
     """(longest black/blank stretch in seconds, fraction of sampled frames that are black/blank)."""
     blank = [
@@ -411,11 +423,7 @@ def _blank_runs(sampled: SampledVideo, thresholds: QualityThresholds) -> tuple[f
     ]
     # A sample stands for the time until the next one (the last: until the end of the video).
     ends = sampled.times[1:] + [max(sampled.duration_s, sampled.times[-1])]
-    longest = current = 0.0
-    for is_blank, start, end in zip(blank, sampled.times, ends, strict=True):
-        current = current + (end - start) if is_blank else 0.0
-        longest = max(longest, current)
-    return longest, sum(blank) / len(blank)
+    return _longest_run(blank, sampled.times, ends), sum(blank) / len(blank)
 
 
 def assess_sampled(
@@ -436,11 +444,22 @@ def assess_sampled(
             failures.append(
                 f"first frame: SSIM {first_ssim:.3f} against the source image, below {thresholds.min_first_frame_ssim:g}"
             )
-    motion = None
+    motion, longest_frozen = None, 0.0
     if len(sampled.frames) >= 2:
-        motion = float(np.mean([np.abs(a - b).mean() for a, b in zip(sampled.frames, sampled.frames[1:], strict=False)]))
+        changes = [float(np.abs(a - b).mean()) for a, b in zip(sampled.frames, sampled.frames[1:], strict=False)]
+        motion = float(np.mean(changes))
+        # The span between two samples that barely differ is frozen (a wholly frozen video is
+        # reported once, as frozen, not again as a frozen stretch).
+        longest_frozen = _longest_run(
+            [change < thresholds.min_motion for change in changes], sampled.times[:-1], sampled.times[1:]
+        )
         if motion < thresholds.min_motion:
             failures.append(f"motion: {motion:.3f} mean grey change between sampled frames, below {thresholds.min_motion:g} (frozen)")
+        elif longest_frozen > thresholds.max_frozen_s:
+            failures.append(
+                f"motion: frozen for {longest_frozen:.1f} s (sampled frames changing less than "
+                f"{thresholds.min_motion:g}), above {thresholds.max_frozen_s:g} s"
+            )
     longest_blank, blank_fraction = _blank_runs(sampled, thresholds)
     if longest_blank > thresholds.max_blank_s:
         failures.append(f"blank: {longest_blank:.1f} s black or blank stretch, above {thresholds.max_blank_s:g} s")
@@ -454,6 +473,7 @@ def assess_sampled(
         first_frame_ssim=None if first_ssim is None else round(first_ssim, 4),
         first_frame_psnr_db=None if first_psnr is None else round(first_psnr, 2),
         motion=None if motion is None else round(motion, 3),
+        longest_frozen_s=round(longest_frozen, 3),
         longest_blank_s=round(longest_blank, 3),
         blank_fraction=round(blank_fraction, 3),
         has_audio=sampled.has_audio,

@@ -53,6 +53,7 @@ def videos_pass_quality_checks(
             "failing": len(failing),
             "median_first_frame_ssim": median("first_frame_ssim"),
             "median_motion": median("motion"),
+            "max_longest_frozen_s": float(frame["longest_frozen_s"].max()) if "longest_frozen_s" in frame else 0.0,
             "max_longest_blank_s": float(frame["longest_blank_s"].max()) if "longest_blank_s" in frame else 0.0,
             "thresholds": dg.MetadataValue.json(QualityThresholds.from_env().to_dict()),
             "failing_videos": dg.MetadataValue.md(listing or "none"),
