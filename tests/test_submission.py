@@ -473,14 +473,16 @@ def test_a_run_rides_the_rate_limit_and_buys_everything_once(
     ledger: Ledger, emulator: Any, client_config: ClientConfig, tmp_path: Path
 ) -> None:
     requests = catalog(tmp_path, "harbour", list(range(1, 25)))
-    emulator.update_faults(create_rate_limit_per_s=20.0, create_burst=4)
+    # One token, a new one every 250 ms: the first creates, sent together, cannot all be let through
+    # however slowly a loaded machine sends them.
+    emulator.update_faults(create_rate_limit_per_s=4.0, create_burst=1)
     patient = dataclasses.replace(client_config, max_attempts=10, max_retry_seconds=30.0)
     report = submit_prompt_set(ledger, lambda: AsyncAimlApiClient(patient), "harbour", requests)
 
     stats = emulator.stats()
     assert (report.new, report.in_doubt, report.failed_to_submit, report.stopped_by) == (24, [], [], None)
     assert sorted(creates(emulator).values()) == [1] * 24
-    # 8 at once against 4 tokens: 429s were served, every one seen by the run's pacer, none fatal.
+    # 8 at once against 1 token: 429s were served, every one seen by the run's pacer, none fatal.
     assert stats["create_429s"]["rate_limit"] == report.rate_limited_429s > 0
     assert stats["requests"][CREATE_ROUTE]["429"] == report.rate_limited_429s
     assert report.rate_limited_until is None
