@@ -16,10 +16,13 @@ dropped, the one being written completes, the thread is joined.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import hashlib
+import queue
+import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import IO
 
 from wan_pipeline.api.errors import DownloadTooLarge
@@ -29,6 +32,16 @@ from wan_pipeline.api.errors import DownloadTooLarge
 # hashed after it was received, nothing overlaps) and 5x the memory.
 BUFFER_BYTES = 256 * 1024
 QUEUE_DEPTH = 4
+
+
+_STOP = object()
+_live = 0  # workers whose loop has not returned (see `live_workers`)
+_live_lock = threading.Lock()
+
+
+def live_workers() -> int:
+    """How many sink workers are still running their loop (tests: none once every sink closed)."""
+    return _live
 
 
 class _Stopped(Exception):
@@ -63,7 +76,8 @@ class DownloadSink:
         self._buffer: list[bytes] = []  # chunks as received: handed over as they are, never copied
         self._buffered = 0
         self._pending: deque[Future[None]] = deque()
-        self._worker: ThreadPoolExecutor | None = None  # started with the first full buffer
+        self._queue: queue.SimpleQueue[object] | None = None  # the worker's, from the first full buffer
+        self._exited = threading.Lock()  # held while the worker runs
         self._stopped = False
         self._failed: BaseException | None = None
         self.size = 0
@@ -91,9 +105,15 @@ class DownloadSink:
     def _submit(self, buffer: list[bytes]) -> None:
         if self._failed is not None:
             raise self._failed
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="wan-download-sink")
-        self._pending.append(self._worker.submit(self._consume, buffer))
+        if self._queue is None:
+            # A bare thread: `threading.Thread.start` would wait for it to be scheduled, and on a
+            # busy machine that wait, once per download, cost more than the hashing it offloads.
+            self._queue = queue.SimpleQueue()
+            self._exited.acquire()
+            _thread.start_new_thread(self._run, (self._queue,))
+        done: Future[None] = Future()
+        self._pending.append(done)
+        self._queue.put((buffer, done))
         while self._pending and self._pending[0].done():  # reap, and raise a failed write early
             self._pending.popleft().result()
 
@@ -139,20 +159,35 @@ class DownloadSink:
         Blocks for at most that one write (a local staged file), so it is called from the event
         loop as well."""
         self._stopped = True
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.shutdown(wait=True, cancel_futures=True)
+        worker_queue, self._queue = self._queue, None
+        if worker_queue is not None:
+            worker_queue.put(_STOP)
+            self._exited.acquire()  # released by the worker as its last step
+            self._exited.release()
 
     # -- worker side ---------------------------------------------------------------------------
 
-    def _consume(self, buffer: list[bytes]) -> None:
-        if self._stopped or self._failed is not None:
-            raise _Stopped
+    def _run(self, worker_queue: queue.SimpleQueue[object]) -> None:
+        global _live
+        with _live_lock:
+            _live += 1
         try:
-            write, update = self._handle.write, self._digest.update
-            for chunk in buffer:
-                write(chunk)
-                update(chunk)
-        except BaseException as exc:
-            self._failed = exc
-            raise
+            while (item := worker_queue.get()) is not _STOP:
+                buffer, done = item  # type: ignore[misc]
+                if self._stopped or self._failed is not None:
+                    done.set_exception(_Stopped())
+                    continue
+                try:
+                    write, update = self._handle.write, self._digest.update
+                    for chunk in buffer:
+                        write(chunk)
+                        update(chunk)
+                except BaseException as exc:
+                    self._failed = exc
+                    done.set_exception(exc)
+                else:
+                    done.set_result(None)
+        finally:
+            with _live_lock:
+                _live -= 1
+            self._exited.release()
