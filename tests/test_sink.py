@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import random
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,46 @@ def test_the_async_transport_reads_large_slices() -> None:
 
     assert "READ_NUM_BYTES" in vars(httpcore.AsyncHTTP11Connection)
     assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES >= clients.ASYNC_READ_BYTES == 256 * 1024
+
+
+class BlockingHandle(io.RawIOBase):
+    """Its first write waits until `release` is set."""
+
+    def __init__(self) -> None:
+        self.entered, self.release, self.written = threading.Event(), threading.Event(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, buffer: Any) -> int:
+        self.entered.set()
+        self.release.wait()
+        self.written += len(buffer)
+        return len(buffer)
+
+
+def test_a_task_cancelled_while_waiting_for_the_queue_stops_the_worker_cleanly(monkeypatch: Any) -> None:
+    unraisable: list[Any] = []
+    monkeypatch.setattr("sys.unraisablehook", unraisable.append)
+    handle = BlockingHandle()
+
+    async def run() -> None:
+        async def feed() -> None:
+            with DownloadSink(handle, 10**9, buffer_bytes=1000, queue_depth=2) as sink:  # type: ignore[arg-type]
+                for _ in range(100):
+                    await sink.awrite(b"x" * 1000)  # only ever waits when the queue is full
+                await sink.afinish()
+
+        task = asyncio.create_task(feed())
+        await asyncio.to_thread(handle.entered.wait)  # the worker is in its first write...
+        assert not task.done()  # ...and the feeder waits for the queue (its only await)
+        task.cancel()
+        handle.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    # The write under way completed, and at most the queue's buffers (depth 2 + the one written)
+    # before the stop: the feeder never got past the full queue.
+    assert handle.written in (1000, 2000, 3000)
+    assert sink_threads() == [] and unraisable == []

@@ -53,7 +53,8 @@ class DownloadSink:
 
     Use as a context manager around the streaming loop: `write(chunk)` (sync) or
     `await awrite(chunk)` (async) for each chunk, then `finish()` / `await afinish()` for
-    (bytes, sha256). The handle is only written by the worker; close it after the block.
+    (bytes, sha256). The handle is only written by the worker; close it after the block. A sink
+    never closed keeps its worker waiting for buffers.
     """
 
     def __init__(
@@ -108,8 +109,11 @@ class DownloadSink:
         if self._queue is None:
             # A bare thread: `threading.Thread.start` would wait for it to be scheduled, and on a
             # busy machine that wait, once per download, cost more than the hashing it offloads.
+            global _live
             self._queue = queue.SimpleQueue()
             self._exited.acquire()
+            with _live_lock:
+                _live += 1  # counted from here: the thread may not have started yet
             _thread.start_new_thread(self._run, (self._queue,))
         done: Future[None] = Future()
         self._pending.append(done)
@@ -169,11 +173,12 @@ class DownloadSink:
 
     def _run(self, worker_queue: queue.SimpleQueue[object]) -> None:
         global _live
-        with _live_lock:
-            _live += 1
         try:
             while (item := worker_queue.get()) is not _STOP:
                 buffer, done = item  # type: ignore[misc]
+                if not done.set_running_or_notify_cancel():  # its awaiting task was cancelled
+                    self._failed = self._failed or _Stopped()  # nothing after a gap is written
+                    continue
                 if self._stopped or self._failed is not None:
                     done.set_exception(_Stopped())
                     continue
