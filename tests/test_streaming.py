@@ -108,6 +108,7 @@ def test_sensor_collects_a_set_in_increments_and_never_downloads_a_video_twice(p
     videos = _metadata(collected, "downloaded_videos")
     assert videos["collection"] == "partial" and videos["still_pending"] == 2
     assert videos["videos"] == 1 and videos["downloaded"] == 1
+    assert videos["contact_sheet"] == "drawn by the final collection"
     assert _metadata(collected, "generation_results")["still_pending"] == 2
     check = _check(collected, "videos_match_requests")
     assert check.passed and check.metadata["videos_checked"].value == 1  # pending ones do not fail it
@@ -137,6 +138,7 @@ def test_sensor_collects_a_set_in_increments_and_never_downloads_a_video_twice(p
     collected = _run(project, final)
     videos = _metadata(collected, "downloaded_videos")
     assert (videos["collection"], videos["videos"], videos["downloaded"], videos["already_verified"]) == ("final", 3, 1, 2)
+    assert "data:image/png;base64," in videos["contact_sheet"]
     check = _check(collected, "videos_match_requests")
     assert check.passed and check.metadata["videos_checked"].value == 3
     assert _downloads(project) - downloads_before == 3  # each video downloaded exactly once

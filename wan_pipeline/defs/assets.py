@@ -429,6 +429,11 @@ def downloaded_videos(
         metadata["quality_summary"] = dg.MetadataValue.md(
             frame[["request_key", "quality_passed", "first_frame_ssim", "motion"]].head(PREVIEW_ROWS).to_markdown(index=False)
         )
+    if report.videos and pending:
+        # An increment stores files as fast as it can; the sheet (seconds of decoding and PNG
+        # encoding per run) is drawn by the final collection.
+        metadata["contact_sheet"] = dg.MetadataValue.md("drawn by the final collection")
+    elif report.videos:
         shown = report.videos[:CONTACT_SHEET_VIDEOS]
         sheet = contact_sheet(
             [
