@@ -253,14 +253,20 @@ def pipeline_phases(run: CommandRun, dagster_home: Path, last_completion_at: flo
     """
     runs = dagster_step_timings(dagster_home)
     submit = next((r for r in runs if r["job"] == "submit_prompt_set"), None)
-    collect = next((r for r in runs if r["job"] == "collect_prompt_set"), None)
+    collects = [r for r in runs if r["job"] == "collect_prompt_set" and r["start"]]
+    # Incremental collection: increments run while generations still do; the last run is the final one.
+    collect = collects[-1] if collects else None
     phases: dict[str, float] = {}
     if not (submit and submit["start"]):
         return phases
     phases["startup_and_validation_s"] = submit["start"] - run.started_at
     phases["submit_run_s"] = submit["end"] - submit["start"]
     phases.update({f"step:{step}_s": seconds for step, seconds in submit["steps"].items()})
-    if collect and collect["start"]:
+    if collect:
+        increments = collects[:-1]
+        if increments:
+            phases["collection_increments"] = len(increments)
+            phases["increment_runs_s (overlap the wait)"] = sum(r["end"] - r["start"] for r in increments)
         if last_completion_at is not None:
             phases["provider_still_processing_s"] = max(0.0, last_completion_at - submit["end"])
             phases["detect_last_completion_and_start_collect_s"] = collect["start"] - max(last_completion_at, submit["end"])

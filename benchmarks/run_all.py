@@ -22,6 +22,7 @@ from report import document, scaling_figure
 # (script, timeout of the full run s, timeout of the quick run s), in the order they run.
 BENCHMARKS = (
     ("bench_e2e.py", 420, 90),
+    ("bench_streaming.py", 300, 90),
     ("bench_polling.py", 300, 90),
     ("bench_submit.py", 420, 90),
     ("bench_sensor.py", 600, 90),

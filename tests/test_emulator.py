@@ -438,6 +438,26 @@ def test_oversize_videos_are_padded_to_the_asked_size_and_still_play(emulator_cl
     assert probe(video.content)["codec"] == "h264"
 
 
+@pytest.mark.parametrize(
+    "emulator_client",
+    [fast(latency_s=0.0, small_frames=True, video_bytes=2_500_000,
+          faults=FaultConfig(download_bytes_per_s=10_000_000))],
+    indirect=True,
+)
+def test_benchmark_mode_serves_real_size_videos_at_a_capped_rate(emulator_client):
+    _, client = emulator_client
+    created = client.post(PATH, json=body(image_url="https://example.com/real.png")).json()
+    url = wait_terminal(client, created["id"])["video"]["url"]
+    started = time.monotonic()
+    video = client.get(url)
+    elapsed = time.monotonic() - started
+    assert int(video.headers["content-length"]) == len(video.content) == 2_500_000
+    assert probe(video.content)["codec"] == "h264"
+    assert elapsed >= 0.2  # 2.5 MB at 10 MB/s: paced, not sent at loopback speed
+    with pytest.raises(ValueError):
+        fast(video_bytes=0)
+
+
 def test_info_names_the_emulator_unless_told_to_pass_for_another_server():
     from wan_pipeline import __version__
 

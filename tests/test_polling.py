@@ -13,6 +13,7 @@ from pipeline_support import TWO_SEEDS, Project, make_project
 from wan_pipeline import polling
 from wan_pipeline.ledger import COLLECT_EARLY_AFTER, Ledger, PlannedRequest, SetProgress, State, generations
 from wan_pipeline.ledger import store as ledger_store
+from wan_pipeline.ledger.store import COLLECT_BATCH
 
 SET = "launch"
 
@@ -53,20 +54,28 @@ def test_a_404_is_retried_and_fails_only_when_it_persists_long_after_the_create(
     assert "does not know generation" in ledger.row(old).error
 
 
-def test_finished_videos_wait_for_a_straggler_only_so_long() -> None:
+def test_finished_videos_are_collected_in_batches_while_others_still_run() -> None:
+    """Was: finished videos waited 10 min for stragglers. Now: collected incrementally, in batches."""
     now = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
-    def progress(oldest_uncollected_at=None, **counts: int) -> SetProgress:
+    def progress(oldest_uncollected_at=None, collected=0, **counts: int) -> SetProgress:
         return SetProgress("s", {**dict.fromkeys(State, 0), **{State(k): v for k, v in counts.items()}},
-                           collected=0, fingerprint="f", oldest_uncollected_at=oldest_uncollected_at)
+                           collected=collected, fingerprint="f", oldest_uncollected_at=oldest_uncollected_at)
 
-    waiting = progress(now - timedelta(minutes=2), generating=1, completed=2)
-    assert not waiting.should_collect(now)
-    assert waiting.should_collect(now + COLLECT_EARLY_AFTER)
+    just_finished = progress(now, generating=1, completed=2)
+    assert just_finished.collection_due(now) is None  # waits a moment for others to batch with
+    assert just_finished.collection_due(now + COLLECT_EARLY_AFTER) == "partial"
+    assert just_finished.should_collect(now + COLLECT_EARLY_AFTER)
+    assert just_finished.collection_due(now + timedelta(days=1), in_flight=True) is None  # one run at a time
+    batch = progress(now, generating=1, completed=COLLECT_BATCH)
+    assert batch.collection_due(now) == "partial"  # a full batch goes at once
+    stored = progress(None, collected=2, generating=1, completed=2)
+    assert stored.collection_due(now + timedelta(days=1)) is None  # nothing new finished
     nothing_finished = progress(generating=3)
     assert not nothing_finished.should_collect(now + timedelta(days=1))
     all_terminal = progress(completed=2, failed=1)
-    assert all_terminal.should_collect(now)
+    assert all_terminal.collection_due(now) == "final" and all_terminal.should_collect(now)
+    assert all_terminal.collection_due(now, in_flight=True) is None
 
 
 @pytest.fixture

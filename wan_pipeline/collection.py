@@ -202,6 +202,13 @@ def _keep_other_apis_video(ledger: Ledger, store: VideoStore, prompt_set: str, k
         )
 
 
+def _size_of(path: Any) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
 def _sidecar_matches(sidecar: dict[str, Any] | None, scope: str) -> bool:
     """A sidecar describes a video bought from this API (one from another API, or from before scopes
     were recorded, is not this purchase's video even under the same request key)."""
@@ -217,10 +224,24 @@ async def _collect_one(
     copies: list[StoredVideo],
     report: CollectReport,
     thresholds: QualityThresholds,
+    trust_recorded: bool = False,
 ) -> None:
     key, prompt_set = request.request_key, request.prompt_set
     video_path = store.video_path(prompt_set, key)
     sidecar = await asyncio.to_thread(store.read_sidecar, prompt_set, key)
+    recorded = next((c for c in copies if c.prompt_set == prompt_set and c.path == str(video_path)), None)
+    if trust_recorded and recorded is not None and _sidecar_matches(sidecar, ledger.scope) and (
+        (sidecar.get("video") or {}).get("sha256") == recorded.sha256
+        and sidecar.get("quality") is not None
+        and await asyncio.to_thread(_size_of, video_path) == recorded.size_bytes
+    ):
+        # An increment: this set's ledger already records this file, and it is there with its size.
+        # It was hashed when stored; the final collection (and its check) verifies it again.
+        video = sidecar["video"]
+        report.videos.append(
+            CollectedVideo(key, str(video_path), video["sha256"], video["bytes"], video, "kept", sidecar["quality"])
+        )
+        return
     if _sidecar_matches(sidecar, ledger.scope) and await asyncio.to_thread(store.is_verified, prompt_set, key):
         video = sidecar["video"]
         reused = sidecar.get("reused_from") or {}
@@ -289,11 +310,16 @@ def collect_videos(
     requests: Sequence[CatalogRequest],
     *,
     thresholds: QualityThresholds | None = None,
+    partial: bool = False,
 ) -> CollectReport:
     """Store every completed generation of `requests` in their set's folder: keep a verified file,
     copy one another set already stored (no call to the provider), or download it. Each stored
     video's quality metrics are measured once and kept in its sidecar (thresholds: from the
-    environment unless given)."""
+    environment unless given).
+
+    Videos the ledger does not record as stored in their set go first. `partial` (an increment
+    while other generations still run): a file the set's ledger records, present with its recorded
+    size, is kept without hashing it again; a full collection re-verifies every file."""
     thresholds = thresholds or QualityThresholds.from_env()
     rows = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in requests)}
     todo = [(r, rows[r.request_key]) for r in requests if r.request_key in rows and rows[r.request_key].state == State.COMPLETED]
@@ -301,6 +327,11 @@ def collect_videos(
     for prompt_set in sorted({r.prompt_set for r in requests}):
         report.swept += store.sweep(prompt_set)
     copies = ledger.stored_videos(r.request_key for r, _ in todo)
+
+    def recorded_here(request: CatalogRequest) -> bool:
+        return any(c.prompt_set == request.prompt_set for c in copies.get(request.request_key, []))
+
+    todo.sort(key=lambda pair: recorded_here(pair[0]))  # stable: what is new first, in request order
 
     async def run() -> None:
         async with client_factory() as client:
@@ -311,7 +342,8 @@ def collect_videos(
             async def collect_one(request: CatalogRequest, row: LedgerRow) -> None:
                 async with slots:
                     await _collect_one(
-                        ledger, client, store, request, row, copies.get(request.request_key, []), report, thresholds
+                        ledger, client, store, request, row, copies.get(request.request_key, []), report, thresholds,
+                        trust_recorded=partial,
                     )
 
             await asyncio.gather(*(collect_one(r, row) for r, row in todo))

@@ -129,6 +129,7 @@ class SetOutcome:
     errors: list[str] = field(default_factory=list)
     submission_recorded: bool = True  # False: the submission stored nothing, so nothing to collect
     rate_limited_until: str | None = None  # the provider's quota stopped creating until then (UTC)
+    collection_runs: int = 0  # increments and the final collection, run by this `run`
     ok: bool = False  # set by the summary: everything asked for is stored, nothing failed or in doubt
 
 
@@ -357,10 +358,12 @@ class PipelineRunner:
             now = datetime.now(UTC)
             for name in list(active):
                 progress = self.ledger.progress(name)
-                # The sensor skips states an earlier run already collected (so the daemon does not repeat
-                # what `run` did); `run` collects them anyway: it is cheap (verified files are skipped)
-                # and it restores a deleted video.
-                if progress.should_collect(now) and outcomes[name].collected_fingerprint != progress.fingerprint:
+                # The same decision as the sensor's (`collection_due`): increments while generations
+                # still run, the final collection once all are terminal. The sensor skips states an
+                # earlier run already collected (so the daemon does not repeat what `run` did); `run`
+                # collects them anyway: it is cheap (verified files are skipped) and it restores a
+                # deleted video. Runs here are sequential: two never overlap.
+                if progress.collection_due(now) and outcomes[name].collected_fingerprint != progress.fingerprint:
                     self.collect(collection_run_request(name, progress), outcomes[name])
                 done = progress.ready_to_collect and outcomes[name].collected_fingerprint == progress.fingerprint
                 if progress.total == 0 or done:
@@ -394,18 +397,20 @@ class PipelineRunner:
         for name in sorted(active):
             progress = self.ledger.progress(name)
             done = progress.counts[State.COMPLETED] + progress.counts[State.FAILED]
-            parts.append(f"{name} {done} done / {progress.pending} pending")
+            parts.append(f"{name} {done} done ({progress.collected} stored) / {progress.pending} pending")
         return "waiting: " + "; ".join(parts)
 
     def collect(self, request: dg.RunRequest, outcome: SetOutcome) -> None:
         result = self.collect_job.execute_in_process(
             instance=self.instance,
             partition_key=request.partition_key,
+            asset_selection=request.asset_selection,  # an increment: results and videos only
             tags={**request.tags, "dagster/run_key": request.run_key},
             run_config={**(request.run_config or {}), **QUIET_LOGGING},
             raise_on_error=False,
         )
         outcome.collected_fingerprint = request.tags[STATES_TAG]
+        outcome.collection_runs += 1
         if not result.success:
             outcome.errors.append(f"collection failed: {_failure(result)[0]}")
         for check in result.get_asset_check_evaluations():

@@ -10,7 +10,7 @@ import pandas as pd
 
 from wan_pipeline.catalog import CatalogError, requests_from_dataframe
 from wan_pipeline.collection import collect_videos
-from wan_pipeline.ledger import Ledger, LedgerRow, State
+from wan_pipeline.ledger import PENDING, Ledger, LedgerRow, State
 from wan_pipeline.ledger.reports import spend
 from wan_pipeline.media import contact_sheet
 from wan_pipeline.polling import wait_until_terminal
@@ -98,6 +98,12 @@ def _markdown_table(df: pd.DataFrame) -> dg.MetadataValue:
 
 def _table_schema(df: pd.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(name=str(c), type=str(t)) for c, t in df.dtypes.items()])
+
+
+def pending_in(results: pd.DataFrame) -> int:
+    """Generations of a results frame still being submitted or running: non-zero for an increment
+    (a collection while others still run), zero for the final collection."""
+    return int(results["state"].isin([str(s) for s in PENDING]).sum())
 
 
 def _rows_frame(rows: list[LedgerRow]) -> pd.DataFrame:
@@ -349,6 +355,8 @@ def generation_results(
         "in_doubt": int(counts.get(str(State.IN_DOUBT), 0)),
         "not_submitted": int(counts.get(str(State.PLANNED), 0)),
         "still_pending": len(still_pending),
+        # An increment reports what is finished so far; the final collection judges everything.
+        "collection": "partial" if pending_in(frame) else "final",
         "usd_spent": round(float(frame["usd_spent"].fillna(0).sum()), 4),
         "median_processing_s": float(frame["processing_s"].median()) if frame["processing_s"].notna().any() else 0.0,
         "dagster/row_count": len(frame),
@@ -376,10 +384,14 @@ def downloaded_videos(
     ledger: LedgerResource,
     video_store: VideoStoreResource,
 ) -> dg.Output[pd.DataFrame]:
-    """Every completed video at `<output>/<set>/<request_key>.mp4` with a `.json` provenance sidecar."""
+    """Every completed video at `<output>/<set>/<request_key>.mp4` with a `.json` provenance sidecar.
+
+    While some generations still run (an increment), it stores what is finished so far and says how
+    many are pending; files it already stored are not hashed again until the final collection."""
     requests = requests_from_dataframe(generation_requests)
     store = video_store.get()
-    report = collect_videos(ledger.get(aimlapi), aimlapi.async_client, store, requests)
+    pending = pending_in(generation_results)
+    report = collect_videos(ledger.get(aimlapi), aimlapi.async_client, store, requests, partial=pending > 0)
     by_key = {r.request_key: r for r in requests}
     frame = pd.DataFrame(
         {
@@ -400,6 +412,8 @@ def downloaded_videos(
     )
     metadata: dict = {
         "videos": len(report.videos),
+        "collection": "partial" if pending else "final",
+        "still_pending": pending,
         "downloaded": report.count("downloaded"),
         "copied_from_other_sets": report.count("copied"),
         "already_verified": report.count("kept"),
@@ -415,6 +429,11 @@ def downloaded_videos(
         metadata["quality_summary"] = dg.MetadataValue.md(
             frame[["request_key", "quality_passed", "first_frame_ssim", "motion"]].head(PREVIEW_ROWS).to_markdown(index=False)
         )
+    if report.videos and pending:
+        # An increment stores files as fast as it can; the sheet (seconds of decoding and PNG
+        # encoding per run) is drawn by the final collection.
+        metadata["contact_sheet"] = dg.MetadataValue.md("drawn by the final collection")
+    elif report.videos:
         shown = report.videos[:CONTACT_SHEET_VIDEOS]
         sheet = contact_sheet(
             [

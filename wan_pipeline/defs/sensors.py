@@ -21,7 +21,13 @@ from wan_pipeline.pending import PendingView, pending_view
 from wan_pipeline.polling import poll_due
 from wan_pipeline.safe_text import printable
 
-from .assets import file_data_version, generation_requests, generation_results, prompt_set_file
+from .assets import (
+    downloaded_videos,
+    file_data_version,
+    generation_requests,
+    generation_results,
+    prompt_set_file,
+)
 from .jobs import collect_job, submit_job
 from .partitions import prompt_sets
 from .resources import AimlApiResource, CatalogResource, LedgerResource
@@ -32,6 +38,10 @@ TICK_POLL_LIMIT = 5000
 TICK_TIME_BUDGET_S = 30.0
 # On a collection run: the fingerprint of the set's generation states it was requested for.
 STATES_TAG = "wan_pipeline/states"
+# On a collection run: "partial" (an increment while generations still run) or "final".
+COLLECTION_TAG = "wan_pipeline/collection"
+# What an increment materializes (with their checks).
+PARTIAL_COLLECTION = (generation_results.key, downloaded_videos.key)
 # Pending work is observed when a set's states change, and otherwise at most this often while it waits
 # (so its age and expected finish stay current without an observation per tick).
 OBSERVE_EVERY_S = 60.0
@@ -152,14 +162,44 @@ def _file_observation(path: Path, entry: dict) -> dg.AssetObservation:
 
 
 def collection_run_request(prompt_set: str, progress: SetProgress) -> dg.RunRequest:
-    """A collection run; while stragglers still run it collects what is finished without waiting."""
-    partial = {"ops": {"generation_results": {"config": {"wait_deadline_s": 0, "fail_on_pending": False}}}}
+    """A collection run for the set's current states.
+
+    Once every generation is terminal: the final collection (the whole job, the checks judge
+    everything), run key `collect-<set>-<fingerprint>`. While some still run: an increment that
+    stores what is finished without waiting (generation_results and downloaded_videos only; the
+    experiment table is built by the final run), run key `collect-<set>-<finished>of<total>-<fingerprint>`.
+    The fingerprint changes with every state change, so the same states never make two runs.
+    """
+    tags = {STATES_TAG: progress.fingerprint}
+    if progress.ready_to_collect:
+        return dg.RunRequest(
+            partition_key=prompt_set,
+            run_key=f"collect-{prompt_set}-{progress.fingerprint}",
+            tags={**tags, COLLECTION_TAG: "final"},
+        )
+    finished = progress.total - progress.pending
     return dg.RunRequest(
         partition_key=prompt_set,
-        run_key=f"collect-{prompt_set}-{progress.fingerprint}",
-        run_config=None if progress.ready_to_collect else partial,
-        tags={STATES_TAG: progress.fingerprint},
+        run_key=f"collect-{prompt_set}-{finished}of{progress.total}-{progress.fingerprint}",
+        run_config={"ops": {"generation_results": {"config": {"wait_deadline_s": 0, "fail_on_pending": False}}}},
+        tags={**tags, COLLECTION_TAG: "partial"},
+        asset_selection=list(PARTIAL_COLLECTION),
     )
+
+
+def collection_in_flight(instance: dg.DagsterInstance, prompt_set: str) -> bool:
+    """A collection run of the set is queued or running: the next one waits for it (two would
+    download the same videos; the deployment's dagster/partition limit also queues them)."""
+    runs = instance.get_run_records(
+        filters=dg.RunsFilter(
+            job_name=collect_job.name,
+            tags={"dagster/partition": prompt_set},
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING,
+                      dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.CANCELING],
+        ),
+        limit=1,
+    )
+    return bool(runs)
 
 
 def already_collected(instance: dg.DagsterInstance, prompt_set: str, fingerprint: str) -> bool:
@@ -198,9 +238,11 @@ def _pending_observation(view: PendingView) -> dg.AssetObservation:
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Polls the generations that are due (adaptive, per generation), writes their states to the "
     "ledger, logs and observes each set's pending work (queued, generating, completed, failed, in doubt, "
-    "oldest pending age, expected finish) on generation_results, and requests a collection run for each "
-    "prompt set with finished videos not yet stored, once its generations are all terminal (or its "
-    "finished ones have waited 10 min for stragglers).",
+    "oldest pending age, expected finish) on generation_results, and requests collection runs for each "
+    "prompt set as its generations finish: an increment (run key collect-<set>-<finished>of<total>-<states>) "
+    "once finished videos wait uncollected (a batch of 25, or one for 2 s) while others still run, at "
+    "most one collection run of a set at a time, and the final collection (collect-<set>-<states>) once "
+    "all are terminal.",
 )
 def generation_completion_sensor(
     context: dg.SensorEvaluationContext, aimlapi: AimlApiResource, ledger: LedgerResource
@@ -233,8 +275,10 @@ def generation_completion_sensor(
             # The last word on a set that has stopped waiting: nothing pending any more.
             observations.append(_pending_observation(pending_view(store, progress, now)))
             observed[prompt_set] = [progress.fingerprint, time.time()]
-        if not progress.should_collect(now) or requested.get(prompt_set) == progress.fingerprint:
+        if requested.get(prompt_set) == progress.fingerprint or progress.collection_due(now) is None:
             continue
+        if collection_in_flight(context.instance, prompt_set):
+            continue  # asked again at the next tick, with the states as they are then
         requested[prompt_set] = progress.fingerprint
         if already_collected(context.instance, prompt_set, progress.fingerprint):
             continue

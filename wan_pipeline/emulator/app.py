@@ -348,7 +348,7 @@ def build_app(state: EmulatorState, drop_connection: ConnectionDropper) -> Starl
             return _cdn_error(403, "AccessDenied", str(exc))
         data = await asyncio.wrap_future(state.videos.fetch(recipe))
         faults = state.faults
-        size = max(len(data), faults.oversize_video_bytes or 0)
+        size = max(len(data), config.video_bytes or 0, faults.oversize_video_bytes or 0)
         if state.trickles("download"):
             rate, step = faults.trickle_bytes_per_s, _trickle_step(faults.trickle_bytes_per_s)
         else:

@@ -131,6 +131,10 @@ class EmulatorConfig:
     url_ttl_s: float = 3600.0  # lifetime of a signed video URL
     # Benchmark mode: frames 72 px on the short side at 8 fps instead of the requested resolution at 30 fps.
     small_frames: bool = False
+    # Benchmark mode: serve every video padded to this many bytes (a trailing mp4 `free` box: still a
+    # valid mp4), like the real service's files (a 5 s 720p video is a few MB). None: the encode's size.
+    # With `faults.download_bytes_per_s` (a per-connection cap) it gives real transfer times.
+    video_bytes: int | None = None
     cache_dir: str | Path | None = None  # optional on-disk cache of encodes (an in-memory LRU is always on)
     # GET /_emulator/info names the emulator; False answers 404 there, as another server would.
     identify: bool = True
@@ -143,6 +147,10 @@ class EmulatorConfig:
             raise ValueError(f"queued_fraction must be between 0 and 1, got {self.queued_fraction!r}")
         if self.url_ttl_s <= 0:
             raise ValueError(f"url_ttl_s must be > 0, got {self.url_ttl_s!r}")
+        if self.video_bytes is not None and not (
+            isinstance(self.video_bytes, int) and not isinstance(self.video_bytes, bool) and self.video_bytes > 0
+        ):
+            raise ValueError(f"video_bytes must be a whole number > 0 or None, got {self.video_bytes!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be None (accept any key) or a non-empty string")
 
@@ -156,10 +164,12 @@ _CONFIG_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--seed", "seed", int, "seed for every random decision (faults, jitter)"),
     ("--url-ttl", "url_ttl_s", float, "lifetime of signed video URLs in seconds"),
     ("--cache-dir", "cache_dir", str, "directory for an on-disk cache of encoded videos"),
+    ("--video-bytes", "video_bytes", int, "benchmark mode: serve videos padded to this many bytes (real-size files)"),
 )
 
 
 _FAULT_HELP = {
+    "download_bytes_per_s": "per-connection cap on video and blob downloads in bytes/s (e.g. 12500000 = 100 Mbit/s)",
     "create_rate_limit_per_s": "token-bucket create limit: creates per second; beyond it 429 + Retry-After",
     "create_burst": "tokens the create bucket holds (default: one second's worth)",
     "create_quota": "accepted creates per quota window (free tier); beyond it 429 + Retry-After to the window's end",

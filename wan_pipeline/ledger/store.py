@@ -78,8 +78,12 @@ POLL_STATUSES = ("pending", "completed", "failed")
 
 DEFAULT_STALE_AFTER_S = 900.0
 CHUNK = 500  # rows per multi-row statement: well under SQLite's bound-parameter limit
-# Finished videos of a set wait at most this long for its last stragglers before being collected.
-COLLECT_EARLY_AFTER = timedelta(minutes=10)
+# Incremental collection: a set's finished videos are collected while the rest still run, in
+# batches: once COLLECT_BATCH of them wait, or the longest-waiting one has waited COLLECT_EARLY_AFTER
+# (so a 500-set makes a run every few seconds at most, not one per video). The last ones, once every
+# generation is terminal, are collected at once.
+COLLECT_EARLY_AFTER = timedelta(seconds=2)
+COLLECT_BATCH = 25
 
 
 class IllegalTransition(RuntimeError):
@@ -213,14 +217,26 @@ class SetProgress:
         """Nothing more will happen without a person: nothing pending, everything finished is stored."""
         return self.pending == 0 and self.uncollected == 0
 
-    def should_collect(self, now: datetime) -> bool:
-        """Ready, or finished videos have waited long enough for stragglers: one stuck generation
-        must not keep the set's paid videos from being downloaded before the provider drops them.
-        (The sensor asks once per fingerprint.)"""
+    def collection_due(self, now: datetime, *, in_flight: bool = False) -> str | None:
+        """"final" once every generation is terminal; "partial" while some still run and finished
+        videos wait uncollected (COLLECT_BATCH of them, or one for COLLECT_EARLY_AFTER); None otherwise,
+        and always while a collection run of the set is in flight (one at a time: it would download
+        the same videos). The caller asks once per fingerprint (the sensor's cursor and run keys)."""
+        if in_flight or self.total == 0:
+            return None
         if self.ready_to_collect:
-            return True
+            return "final"
+        if self.uncollected <= 0:
+            return None
+        if self.uncollected >= COLLECT_BATCH:
+            return "partial"
         oldest = self.oldest_uncollected_at
-        return self.uncollected > 0 and oldest is not None and now - oldest >= COLLECT_EARLY_AFTER
+        return "partial" if oldest is not None and now - oldest >= COLLECT_EARLY_AFTER else None
+
+    def should_collect(self, now: datetime) -> bool:
+        """Ready, or finished videos have waited long enough to be collected while the rest run (see
+        `collection_due`): a slow generation must not keep the set's paid videos from being stored."""
+        return self.collection_due(now) is not None
 
 
 @dataclass(frozen=True)
