@@ -3,7 +3,8 @@
 Each generation carries its own next poll time in the ledger (first poll near its expected processing
 time, then a capped backoff from the client's `PollSchedule`), so one call polls only what is due,
 concurrently, and within a time budget: a sensor tick stays well inside Dagster's 60 s limit whatever
-the backlog, and an ad-hoc run can wait by calling it in a loop.
+the backlog, and an ad-hoc run can wait by calling it in a loop. The answers' ledger writes go in
+batches (one transaction each) on a writer thread (`PollWriter`), never on the event loop.
 """
 
 from __future__ import annotations

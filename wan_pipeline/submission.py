@@ -9,6 +9,9 @@ before it is sent and when its answer arrives; the ledger records each one (see
 `wan_pipeline.ledger.store`), so two processes never send the same create, a definite refusal frees
 the claim before any retry wait, and only a try that was sent and never answered is in doubt. What
 a failure means for the money is the one answer the client gives: `exc.created` (True, False, None).
+The records go through a group commit (`TryLog`): one transaction for the claims waiting at once,
+each create sent only after its own try row is committed; at most `max_concurrency` tries are ever on
+record as sent and unanswered, so that is what a crash can leave in doubt.
 """
 
 from __future__ import annotations
@@ -465,8 +468,9 @@ async def submit_planned(
     asks for a longer wait than the client makes (a quota: `rate_limited_until`; shorter waits are
     ridden by the client's pacer): creates in flight finish and are recorded, the rest stay planned,
     and the report says what was bought before the stop. An
-    unexpected exception is raised after the batch, its row settled by what was sent. Ledger calls
-    run in threads so a slow database never stalls the event loop under in-flight creates.
+    unexpected exception is raised after the batch, its row settled by what was sent. Ledger writes
+    run on one writer thread (`TryLog`, a group commit) so a slow database never stalls the event
+    loop under in-flight creates, and a window of creates pays for one commit.
     """
     report = SubmissionReport.of_plan(plan)
     for state in (State.IN_DOUBT, State.FAILED):

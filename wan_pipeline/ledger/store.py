@@ -16,6 +16,10 @@ Write-ahead around every HTTP try of a create (the client reports each try, see 
   to planned at once, before any retry wait; may have been created (500, 504, lost answer) -> in doubt.
 So a process that dies leaves in doubt only a try that was sent and never answered, and
 `recover_abandoned` can tell those from claims that never sent anything.
+
+`record_tries` does the same for many tries in one transaction (a group commit: submission's
+`TryLog` batches the claims waiting at once and the accepted answers that arrived meanwhile), and
+`record_polls` applies many poll answers in one; both check what the one-row calls check.
 """
 
 from __future__ import annotations
