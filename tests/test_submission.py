@@ -455,7 +455,15 @@ def test_a_create_the_ledger_fails_to_record_keeps_its_generation_id(
             raise OSError("database unreachable")
         return answered(*args, **kwargs)
 
+    batched = ledger.record_tries
+
+    def accepted_answers_not_batched(accepted: Any = (), sending: Any = ()) -> Any:
+        if accepted:  # the group commit fails; it then records each answer with try_answered, which fails too
+            raise OSError("database unreachable")
+        return batched(accepted, sending)
+
     monkeypatch.setattr(ledger, "try_answered", accepted_answer_not_recorded)
+    monkeypatch.setattr(ledger, "record_tries", accepted_answers_not_batched)
     with pytest.raises(OSError):
         submit_prompt_set(ledger, lambda: AsyncAimlApiClient(client_config), "harbour", requests)
 

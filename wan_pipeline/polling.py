@@ -3,7 +3,8 @@
 Each generation carries its own next poll time in the ledger (first poll near its expected processing
 time, then a capped backoff from the client's `PollSchedule`), so one call polls only what is due,
 concurrently, and within a time budget: a sensor tick stays well inside Dagster's 60 s limit whatever
-the backlog, and an ad-hoc run can wait by calling it in a loop.
+the backlog, and an ad-hoc run can wait by calling it in a loop. The answers' ledger writes go in
+batches (one transaction each) on a writer thread (`PollWriter`), never on the event loop.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from wan_pipeline.api import ApiError, AsyncAimlApiClient, ClientConfig, GenerationNotFound, PollSchedule
-from wan_pipeline.ledger import PENDING_REMOTE, Ledger, LedgerRow
+from wan_pipeline.ledger import PENDING_REMOTE, Ledger, LedgerRow, State
+from wan_pipeline.ledger.store import PollAnswer
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +51,95 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Poll results are written in batches of at most this many rows, or after this long, whichever first.
+WRITE_BATCH = 250
+WRITE_FLUSH_AFTER_S = 0.05
+
+
+class PollWriter:
+    """Writes poll results to the ledger in batches (`Ledger.record_polls`: one transaction each), on
+    one writer thread, so the event loop keeps polling while the database commits.
+
+    A result is applied as `record_poll` / `postpone_poll` would apply it (the move checked, a row
+    another writer moved refused); `done(outcome)` then runs on the loop with the row's new state or
+    the exception the one-row call would have raised. A result not yet written when the process dies
+    is lost, which is safe: the row is still due and is polled again.
+    """
+
+    def __init__(self, ledger: Ledger, *, batch: int = WRITE_BATCH, flush_after_s: float = WRITE_FLUSH_AFTER_S):
+        self._ledger = ledger
+        self._batch = batch
+        self._flush_after_s = flush_after_s
+        self._queue: list[tuple[PollAnswer, Callable[[State | Exception], None]]] = []
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="wan-poll-writer")
+        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._task = asyncio.ensure_future(self._run())
+        self.transactions = 0
+
+    def add(self, answer: PollAnswer, done: Callable[[State | Exception], None]) -> None:
+        if self._closing or self._task.done():
+            raise RuntimeError("the poll writer has stopped")
+        self._queue.append((answer, done))
+        if len(self._queue) >= self._batch:
+            self._wake.set()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_after_s, self._wake.set)
+
+    async def close(self) -> None:
+        """Write what is queued, then stop."""
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.shield(self._task)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            queued, self._queue = self._queue[: self._batch], self._queue[self._batch :]
+            if self._queue:
+                self._wake.set()  # more than a batch waiting: another transaction right after
+            if not queued:
+                if self._closing:
+                    return
+                continue
+            answers = [answer for answer, _ in queued]
+            try:
+                outcomes: list[State | Exception] = await loop.run_in_executor(
+                    self._executor, self._ledger.record_polls, answers
+                )
+                self.transactions += 1
+            except Exception as exc:  # the database itself: every result of the batch is unwritten
+                outcomes = [exc] * len(queued)
+            for (_, done), outcome in zip(queued, outcomes, strict=True):
+                done(outcome)
+            if self._closing:
+                self._wake.set()
+
+
 async def _poll_one(
-    ledger: Ledger, client: AsyncAimlApiClient, schedule: PollSchedule, row: LedgerRow, report: PollReport
+    writer: PollWriter, client: AsyncAimlApiClient, schedule: PollSchedule, row: LedgerRow, report: PollReport
 ) -> None:
+    """Poll one generation and queue what its answer means for the ledger (counted once written)."""
+
+    def counted(*names: str) -> Callable[[State | Exception], None]:
+        def done(outcome: State | Exception) -> None:
+            if isinstance(outcome, Exception):
+                report.errors.append(repr(outcome))
+                return
+            for name in names:
+                setattr(report, name, getattr(report, name) + 1)
+
+        return done
+
     try:
         generation = await client.get(row.generation_id)
     except GenerationNotFound as exc:
@@ -60,27 +149,17 @@ async def _poll_one(
             # A paid generation is not given up on one 404 (a replica that has not seen it yet, a
             # gateway hiccup): ask again, and remember that it was not found.
             retry_at = _utcnow() + timedelta(seconds=schedule.max_interval_s)
-            ledger.postpone_poll(row.request_key, retry_at, raw_status=NOT_FOUND)
-            report.still_pending += 1
+            writer.add(PollAnswer(row.request_key, raw_status=NOT_FOUND, next_poll_at=retry_at, postpone=True),
+                       counted("still_pending"))  # fmt: skip
             return
         # Still unknown well after it was created (expired after 24 h, or another API's id).
-        ledger.record_poll(
-            row.request_key,
-            raw_status=NOT_FOUND,
-            status="failed",
-            video_url=None,
-            video_expires_at=None,
-            error=f"the provider does not know generation {row.generation_id}: {exc.message}",
-            credits_used=None,
-            usd_spent=None,
-            next_poll_at=None,
-        )
-        report.failed += 1
+        error = f"the provider does not know generation {row.generation_id}: {exc.message}"
+        writer.add(PollAnswer(row.request_key, "failed", NOT_FOUND, error=error), counted("failed"))
         return
     except ApiError as exc:
         # Transient after the client's own retries: try again later, never mark it failed for this.
         retry_at = _utcnow() + timedelta(seconds=schedule.max_interval_s)
-        ledger.postpone_poll(row.request_key, retry_at)
+        writer.add(PollAnswer(row.request_key, next_poll_at=retry_at, postpone=True), counted())
         report.errors.append(f"{row.request_key}: {exc}")
         return
     now = _utcnow()
@@ -90,10 +169,10 @@ async def _poll_one(
     if status == "pending" and elapsed > MAX_PENDING.total_seconds():
         # The provider keeps results 24 h: a generation still running past that will not be delivered.
         status, error = "failed", f"still {generation.raw_status} {elapsed / 3600:.0f} h after submission"
-    ledger.record_poll(
+    answer = PollAnswer(
         row.request_key,
-        raw_status=generation.raw_status,
-        status=status,
+        status,
+        generation.raw_status,
         video_url=generation.video_url,
         video_expires_at=generation.video_expires_at,
         error=error,
@@ -101,32 +180,34 @@ async def _poll_one(
         usd_spent=generation.usd_spent,
         next_poll_at=None if status != "pending" else now + timedelta(seconds=delay),
     )
-    report.polled += 1
-    if status == "completed":
-        report.completed += 1
-    elif status == "failed":
-        report.failed += 1
-    else:
-        report.still_pending += 1
+    outcome = {"completed": "completed", "failed": "failed"}.get(status, "still_pending")
+    writer.add(answer, counted("polled", outcome))
 
 
 async def poll_rows_async(
     ledger: Ledger, client: AsyncAimlApiClient, rows: Iterable[LedgerRow], *, time_budget_s: float
 ) -> PollReport:
-    """Poll `rows` concurrently (the client bounds in-flight calls); stop starting new ones at the budget."""
+    """Poll `rows` concurrently (the client bounds in-flight calls); stop starting new ones at the budget.
+
+    The results are written in batches off the event loop (`PollWriter`); all are written when this returns.
+    """
     started = time.monotonic()
     report = PollReport()
     schedule = client.config.poll_schedule
-    tasks = [asyncio.ensure_future(_poll_one(ledger, client, schedule, row, report)) for row in rows]
-    if tasks:
-        done, pending = await asyncio.wait(tasks, timeout=time_budget_s)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        report.unfinished += len(pending)
-        for task in done:
-            if task.exception() is not None:
-                report.errors.append(repr(task.exception()))
+    writer = PollWriter(ledger)
+    try:
+        tasks = [asyncio.ensure_future(_poll_one(writer, client, schedule, row, report)) for row in rows]
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=time_budget_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            report.unfinished += len(pending)
+            for task in done:
+                if task.exception() is not None:
+                    report.errors.append(repr(task.exception()))
+    finally:
+        await writer.close()
     report.elapsed_s = time.monotonic() - started
     return report
 

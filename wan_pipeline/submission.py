@@ -9,18 +9,23 @@ before it is sent and when its answer arrives; the ledger records each one (see
 `wan_pipeline.ledger.store`), so two processes never send the same create, a definite refusal frees
 the claim before any retry wait, and only a try that was sent and never answered is in doubt. What
 a failure means for the money is the one answer the client gives: `exc.created` (True, False, None).
+The records go through a group commit (`TryLog`): one transaction for the claims waiting at once,
+each create sent only after its own try row is committed; at most `max_concurrency` tries are ever on
+record as sent and unanswered, so that is what a crash can leave in doubt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from wan_pipeline.api import (
     AsyncAimlApiClient,
@@ -44,10 +49,12 @@ from wan_pipeline.ledger import (
     TryAnswer,
     utcnow,
 )
+from wan_pipeline.ledger.store import AcceptedTry, TrySending
 from wan_pipeline.models import VideoRequest
 from wan_pipeline.safe_text import printable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ALL = "all"  # resubmit every in-doubt request of the set
 # What `exc.created` reads as for an exception that does not say (a bug, a cancellation): the client
@@ -273,9 +280,171 @@ def try_recorder(
     return on_try
 
 
-def _media_roots(request: CatalogRequestLike, extra_roots: Sequence[Path]) -> tuple[Path, ...]:
-    """Where the client may read this request's local media: the roots its catalog was validated with."""
-    return tuple(allowed_roots_for(Path(request.source_file), extra_roots))
+# Accepted answers wait at most this long for a batch when no claim comes to take them along.
+ANSWER_FLUSH_AFTER_S = 0.005
+
+
+class TryLog:
+    """Group commit of a submission's write-ahead records, on one writer thread.
+
+    - `sending` (before a try is sent) waits until its claim and try row are committed: the claims
+      waiting at the same moment are committed in one transaction (`Ledger.record_tries`), so a
+      window of creates pays for one commit, not one each. A create is never sent before its try row
+      is committed; a lost claim raises `ClaimLost` and the try is not sent.
+    - `accepted` (an accepted answer) does not wait: the answer joins the next transaction, which
+      the next claim starts (so it is durable before the create that took its slot is sent), or
+      once `window` answers are waiting, or after `flush_after_s`. After a crash an accepted try whose
+      record had not been committed yet is recovered as in doubt (its try row says sent, unanswered):
+      safe, never a second purchase.
+    - `call` runs any other ledger write (a refusal's answer, settling an attempt) on the same thread,
+      in order, one transaction each: those are rare, and wait for their commit.
+
+    What a crash can leave in doubt: a try is 'sent, unanswered' on record from the commit of its
+    claim to the commit of its answer. A create holds its slot (`max_concurrency`) from its claim to
+    its answer's arrival, and the next claim of that slot is committed together with (or after) that
+    answer, so at most `window` (= max_concurrency) tries are on record as sent and unanswered at any
+    time: a crash puts at most one window in doubt, exactly as when each try was its own transaction.
+    A database error fails the batch as a whole (nothing of it is committed): it is then retried one
+    record at a time with the one-try calls, so each record fails or succeeds on its own.
+    """
+
+    def __init__(self, ledger: Ledger, *, window: int, flush_after_s: float = ANSWER_FLUSH_AFTER_S):
+        self._ledger = ledger
+        self._window = max(1, window)
+        self._flush_after_s = flush_after_s
+        self._sending: list[tuple[TrySending, asyncio.Future[None]]] = []
+        self._accepted: list[tuple[AcceptedTry, asyncio.Future[None]]] = []
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="wan-ledger-writer")
+        self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+        self._closing = False
+        self._failed: BaseException | None = None
+        self._task = asyncio.ensure_future(self._run())
+        self.commits = 0  # transactions of batched records (for tests and benchmarks)
+
+    async def sending(self, item: TrySending) -> None:
+        """Return once the try is committed as sent; raises `ClaimLost` (do not send) or a database error."""
+        future = self._enqueue(self._sending, item)
+        self._wake.set()
+        await future
+
+    def accepted(self, item: AcceptedTry) -> asyncio.Future[None]:
+        """Queue an accepted answer; the future is done once it is committed (or failed to be)."""
+        future = self._enqueue(self._accepted, item)
+        if len(self._accepted) >= self._window:
+            self._wake.set()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._flush_after_s, self._wake.set)
+        return future
+
+    async def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Another ledger write, on the writer thread (after what is queued before it)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(function, *args, **kwargs)
+        )
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.shield(self._task)
+        finally:
+            self._executor.shutdown(wait=False)
+
+    def _enqueue(self, queue: list[tuple[Any, asyncio.Future[None]]], item: Any) -> asyncio.Future[None]:
+        if self._failed is not None or self._closing:
+            raise RuntimeError("the ledger writer has stopped") from self._failed
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append((item, future))
+        return future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+                accepted, self._accepted = self._accepted, []
+                sending, self._sending = self._sending, []
+                if not accepted and not sending:
+                    if self._closing:
+                        return
+                    continue
+                results = await loop.run_in_executor(self._executor, self._commit, accepted, sending)
+                for future, error in results:
+                    if future.done():  # its waiter was cancelled
+                        continue
+                    if error is None:
+                        future.set_result(None)
+                    else:
+                        future.set_exception(error)
+                if self._closing:
+                    self._wake.set()  # what was queued meanwhile, then stop
+        except BaseException as exc:
+            self._failed = exc
+            for _item, future in (*self._accepted, *self._sending):
+                if not future.done():
+                    future.set_exception(RuntimeError(f"the ledger writer stopped: {exc!r}"))
+            raise
+
+    def _commit(
+        self, accepted: list[tuple[AcceptedTry, asyncio.Future[None]]], sending: list[tuple[TrySending, asyncio.Future[None]]]
+    ) -> list[tuple[asyncio.Future[None], BaseException | None]]:
+        """On the writer thread: one transaction for the batch, or one record at a time if it fails."""
+        results: list[tuple[asyncio.Future[None], BaseException | None]]
+        try:
+            outcomes = self._ledger.record_tries([a for a, _ in accepted], [s for s, _ in sending])
+            self.commits += 1
+            results = [(future, None) for _, future in accepted]
+            results += [(future, outcome) for (_, future), outcome in zip(sending, outcomes, strict=True)]
+        except Exception:
+            log.warning("a batch of %d create records failed; recording them one at a time", len(accepted) + len(sending))
+            results = [(future, _outcome_of(self._accept_one, item)) for item, future in accepted]
+            results += [(future, _outcome_of(self._send_one, item)) for item, future in sending]
+        return results
+
+    def _accept_one(self, item: AcceptedTry) -> None:
+        self._ledger.try_answered(
+            item.request_key, item.attempt, item.try_number, item.answer,
+            next_poll_at=item.next_poll_at, expected_seconds=item.expected_seconds,
+        )  # fmt: skip
+
+    def _send_one(self, item: TrySending) -> None:
+        self._ledger.try_sending(item.request_key, item.attempt, item.try_number, item.client_request_id, item.claim)
+
+
+def _outcome_of(function: Callable[[Any], None], item: Any) -> BaseException | None:
+    try:
+        function(item)
+    except Exception as exc:
+        return exc
+    return None
+
+
+class LoopHook:
+    """A client's `on_try` hook whose work is a coroutine on the caller's event loop: the async client
+    awaits `anotify` there; a client that runs hooks in a worker thread calls it, and the thread
+    waits for the coroutine to finish on the loop."""
+
+    def __init__(self, notify: Callable[[CreateTry], Awaitable[None]]):
+        self._notify = notify
+        self._loop = asyncio.get_running_loop()
+
+    async def anotify(self, event: CreateTry) -> None:
+        await self._notify(event)
+
+    def __call__(self, event: CreateTry) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise RuntimeError("call the hook from a worker thread, or await its anotify() on the loop")
+        asyncio.run_coroutine_threadsafe(self._notify(event), self._loop).result()
 
 
 def _first_poll_at(client: AsyncAimlApiClient, expected: float | None, now: datetime) -> datetime:
@@ -299,8 +468,9 @@ async def submit_planned(
     asks for a longer wait than the client makes (a quota: `rate_limited_until`; shorter waits are
     ridden by the client's pacer): creates in flight finish and are recorded, the rest stay planned,
     and the report says what was bought before the stop. An
-    unexpected exception is raised after the batch, its row settled by what was sent. Ledger calls
-    run in threads so a slow database never stalls the event loop under in-flight creates.
+    unexpected exception is raised after the batch, its row settled by what was sent. Ledger writes
+    run on one writer thread (`TryLog`, a group commit) so a slow database never stalls the event
+    loop under in-flight creates, and a window of creates pays for one commit.
     """
     report = SubmissionReport.of_plan(plan)
     for state in (State.IN_DOUBT, State.FAILED):
@@ -308,7 +478,15 @@ async def submit_planned(
         if keys:
             await asyncio.to_thread(ledger.requeue, keys, from_states={state})
     expected_seconds = expected_seconds_fn or learned_expectation(ledger, client.config.expected_seconds)
+    # Looked up once per request shape (a read of the ledger), before any create.
+    expected_of = await asyncio.to_thread(
+        lambda: {item.request.request_key: expected_seconds(item.request.request) for item in plan.to_submit}
+    )
+    roots_of = functools.lru_cache(maxsize=None)(
+        lambda source_file: tuple(allowed_roots_for(Path(source_file), allowed_roots))
+    )
     slots = asyncio.Semaphore(max_concurrency)
+    trylog = TryLog(ledger, window=max_concurrency)
 
     async def submit_one(item: PlannedCreate) -> None:
         request, key, attempt = item.request, item.request.request_key, item.attempt
@@ -316,28 +494,32 @@ async def submit_planned(
             if report.stopped_by:
                 report.failed_to_submit.append((key, f"not sent: {report.stopped_by}"))
                 return
-            expected = await asyncio.to_thread(expected_seconds, request.request)
+            expected = expected_of[key]
             claim = AttemptClaim(plan.prompt_set, item.reason, run_id)
             sent: list[int] = []  # try numbers sent
 
-            on_try = try_recorder(
-                lambda number, request_id: ledger.try_sending(key, attempt, number, request_id, claim),
-                lambda number, answer: ledger.try_answered(key, attempt, number, answer),
-                sent,
-            )
+            async def record_try(event: CreateTry) -> None:
+                if event.phase == "sending":
+                    await trylog.sending(TrySending(key, attempt, event.try_number, event.client_request_id, claim))
+                    sent.append(event.try_number)
+                elif event.created is not True:  # recorded (and committed) before any retry wait
+                    answer = TryAnswer(event.created, event.status_code, printable(event.detail))
+                    await trylog.call(ledger.try_answered, key, attempt, event.try_number, answer)
+
+            on_try = LoopHook(record_try)
 
             try:
                 generation = await client.submit(
                     request.request,
                     request_key=key,
                     attempt=attempt,
-                    allowed_roots=_media_roots(request, allowed_roots),
+                    allowed_roots=roots_of(request.source_file),
                     media_sha256={"image": request.image_sha256, "audio": request.audio_sha256},
                     on_try=on_try,
                 )
             except ClaimLost:
                 if sent:  # another process took it between two of our tries
-                    await asyncio.to_thread(
+                    await trylog.call(
                         ledger.finish_attempt, key, attempt, AttemptOutcome.NOT_ACCEPTED,
                         "another process claimed it between two tries",
                     )
@@ -357,24 +539,28 @@ async def submit_planned(
                 credits_used=generation.credits_used,
                 usd_spent=generation.usd_spent,
             )
-            try:
-                await asyncio.to_thread(
-                    ledger.try_answered, key, attempt, sent[-1], answer,
-                    next_poll_at=_first_poll_at(client, expected, now_fn()), expected_seconds=expected,
-                )
-            except Exception as exc:
-                # Accepted (paid) but not recorded: keep the id on the try's row at least, and settle the
-                # attempt from it (submitted, with its id); the log line is the last resort.
-                log.error("generation %s was created for %s but recording it failed: %s", generation.id, key, exc)
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(ledger.record_accepted_try, key, attempt, sent[-1], answer)
-                    await asyncio.to_thread(ledger.settle_abandoned_attempt, key, attempt, "recording the answer failed")
-                raise
-            report.new += 1
-            report.credits_used += generation.credits_used or 0.0
-            report.usd_spent += generation.usd_spent or 0.0
+            # Not waited for here: the slot's next claim commits it (see `TryLog`).
+            recorded = trylog.accepted(AcceptedTry(
+                key, attempt, sent[-1], answer, _first_poll_at(client, expected, now_fn()), expected
+            ))  # fmt: skip
+        try:
+            await recorded
+        except Exception as exc:
+            # Accepted (paid) but not recorded: keep the id on the try's row at least, and settle the
+            # attempt from it (submitted, with its id); the log line is the last resort.
+            log.error("generation %s was created for %s but recording it failed: %s", generation.id, key, exc)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(ledger.record_accepted_try, key, attempt, sent[-1], answer)
+                await asyncio.to_thread(ledger.settle_abandoned_attempt, key, attempt, "recording the answer failed")
+            raise
+        report.new += 1
+        report.credits_used += generation.credits_used or 0.0
+        report.usd_spent += generation.usd_spent or 0.0
 
-    results = await asyncio.gather(*(submit_one(item) for item in plan.to_submit), return_exceptions=True)
+    try:
+        results = await asyncio.gather(*(submit_one(item) for item in plan.to_submit), return_exceptions=True)
+    finally:
+        await trylog.close()
     report.rate_limited_429s = _rate_limited_answers(client)
     for result in results:
         if isinstance(result, BaseException):

@@ -396,8 +396,10 @@ class AsyncAimlApiClient(_ClientBase):
         media_sha256: Mapping[str, str | None] | None = None,
         on_try: TryHook | None = None,
     ) -> Generation:
-        """Create one generation. `on_try` runs in a worker thread (it may write to a database)
-        before each HTTP try is sent and after its answer is judged; if it raises, so does `submit`."""
+        """Create one generation. `on_try` runs before each HTTP try is sent and after its answer is
+        judged; if it raises, so does `submit`. It runs in a worker thread (it may write to a
+        database), unless it has an async form, `anotify(event)`, which is awaited on the event loop
+        instead (it must not block the loop: it may wait for a group commit)."""
         return await self._run(
             self._submit_steps(
                 request,
@@ -448,6 +450,9 @@ class AsyncAimlApiClient(_ClientBase):
 
     async def _perform(self, action: Action, held: list[Ticket]) -> Any:
         if isinstance(action, NotifyTry):
+            anotify = getattr(action.hook, "anotify", None)
+            if anotify is not None:  # its async form, awaited on the loop (a group commit, say)
+                return await anotify(action.event)
             return await asyncio.to_thread(action.hook, action.event)
         if isinstance(action, Sleep):
             return await self._sleep(action.seconds)

@@ -82,6 +82,8 @@ class CreateTry:
     generation_id: str | None = None  # answered and created
 
 
+# Called before each try is sent and when its answer is judged. The async client runs it in a worker
+# thread, or, when it has one, awaits its async form `anotify(event)` on the event loop instead.
 TryHook = Callable[[CreateTry], None]
 
 

@@ -16,10 +16,15 @@ Write-ahead around every HTTP try of a create (the client reports each try, see 
   to planned at once, before any retry wait; may have been created (500, 504, lost answer) -> in doubt.
 So a process that dies leaves in doubt only a try that was sent and never answered, and
 `recover_abandoned` can tell those from claims that never sent anything.
+
+`record_tries` does the same for many tries in one transaction (a group commit: submission's
+`TryLog` batches the claims waiting at once and the accepted answers that arrived meanwhile), and
+`record_polls` applies many poll answers in one; both check what the one-row calls check.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import socket
@@ -90,6 +95,10 @@ class IllegalTransition(RuntimeError):
     """A state change the state machine does not allow, or that another writer got to first."""
 
 
+class _BatchConflict(Exception):
+    """A batched write found a row other than as it read it: redo the batch one row at a time."""
+
+
 class ClaimLost(RuntimeError):
     """Another process holds (or has finished) this request's create: this try must not be sent."""
 
@@ -135,6 +144,47 @@ class TryAnswer:
     raw_status: str | None = None
     credits_used: float | None = None
     usd_spent: float | None = None
+
+
+@dataclass(frozen=True)
+class TrySending:
+    """One HTTP try about to be sent, for `record_tries` (see `try_sending`)."""
+
+    request_key: str
+    attempt: int
+    try_number: int
+    client_request_id: str
+    claim: AttemptClaim
+
+
+@dataclass(frozen=True)
+class AcceptedTry:
+    """A try the provider accepted, for `record_tries` (see `try_answered` with created True)."""
+
+    request_key: str
+    attempt: int
+    try_number: int
+    answer: TryAnswer
+    next_poll_at: datetime
+    expected_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class PollAnswer:
+    """One poll's outcome, for `record_polls`: an answer (`record_poll`'s arguments, `postpone` False)
+    or a poll to ask again later with the state unchanged (`postpone_poll`: `next_poll_at`, and
+    `raw_status` when given)."""
+
+    request_key: str
+    status: str | None = None  # pending | completed | failed; None with postpone
+    raw_status: str | None = None
+    video_url: str | None = None
+    video_expires_at: datetime | None = None
+    error: str | None = None
+    credits_used: float | None = None
+    usd_spent: float | None = None
+    next_poll_at: datetime | None = None
+    postpone: bool = False
 
 
 @dataclass(frozen=True)
@@ -304,6 +354,19 @@ def _owner_process_gone(owner: str | None, hostname: str) -> bool:
     return not _process_alive(int(parts[1]))
 
 
+def _update_many(conn: Connection, statement: Any, params: Sequence[dict[str, Any]]) -> bool:
+    """Run a parametrised UPDATE for each parameter set; True when each updated exactly one row.
+
+    One executemany where the driver reports its total row count (SQLite), else one execute each
+    (psycopg2), all in the caller's transaction.
+    """
+    if not params:
+        return True
+    if conn.dialect.supports_sane_multi_rowcount:
+        return conn.execute(statement, list(params)).rowcount == len(params)
+    return all([conn.execute(statement, p).rowcount == 1 for p in params])
+
+
 def _insert_ignoring_conflicts(conn: Connection, table: sa.Table) -> Any:
     """INSERT ... ON CONFLICT DO NOTHING in the connection's dialect."""
     dialect_insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
@@ -315,6 +378,111 @@ def _upsert(conn: Connection, table: sa.Table, values: dict[str, Any], keys: Seq
     statement = dialect_insert(table).values(**values)
     updates = {k: v for k, v in values.items() if k not in keys}
     conn.execute(statement.on_conflict_do_update(index_elements=list(keys), set_=updates))
+
+
+@dataclass(frozen=True)
+class _BatchStatements:
+    claim: Any
+    reclaim: Any
+    open_attempt: Any
+    attempt_request_id: Any
+    insert_try: Any
+    answer_try: Any
+    close_created: Any
+    submitted: Any
+
+
+@functools.cache
+def _batch_statements() -> _BatchStatements:
+    """The group commit's statements, built once: everything varying is a bound parameter (building
+    and cache-keying a statement cost more CPU than running it). No IN lists where a statement runs
+    as an executemany (those take no expanding parameters)."""
+
+    def param(name: str, column: sa.Column[Any]) -> sa.BindParameter[Any]:
+        return sa.bindparam(name, type_=column.type)
+
+    g, a, t = generations.c, attempts.c, create_tries.c
+    float_ = sa.Float()
+
+    def claim(later_try: bool) -> Any:
+        condition = [
+            g.api_scope == sa.bindparam("b_scope"),
+            g.request_key.in_(sa.bindparam("b_keys", expanding=True)),
+            g.state == State.PLANNED.value,
+            g.attempts == sa.bindparam("b_expected"),
+        ]
+        if later_try:  # a later try re-claims the row its own earlier try released
+            condition.append(g.claim_owner == sa.bindparam("b_owner"))
+        return (
+            sa.update(generations)
+            .where(*condition)
+            .values(
+                state=State.SUBMITTING.value, claim_owner=sa.bindparam("b_owner"),
+                claimed_at=param("b_now", g.claimed_at), attempts=sa.bindparam("b_attempt"), error=None,
+                updated_at=param("b_now", g.updated_at),
+            )  # fmt: skip
+            .returning(g.request_key, g.estimated_usd)
+        )
+
+    open_attempt = attempts.insert().values(
+        api_scope=sa.bindparam("b_scope"), request_key=sa.bindparam("b_key"), attempt=sa.bindparam("b_attempt"),
+        prompt_set=sa.bindparam("b_set"), reason=sa.bindparam("b_reason"), run_id=sa.bindparam("b_run"),
+        claim_owner=sa.bindparam("b_owner"), claimed_at=param("b_now", a.claimed_at),
+        estimated_usd=param("b_estimate", a.estimated_usd), client_request_id=sa.bindparam("b_request_id"),
+    )  # fmt: skip
+    attempt_key = [a.api_scope == sa.bindparam("b_scope"), a.request_key == sa.bindparam("b_key"),
+                   a.attempt == sa.bindparam("b_attempt")]  # fmt: skip
+    attempt_request_id = attempts.update().where(*attempt_key).values(client_request_id=sa.bindparam("b_request_id"))
+    insert_try = create_tries.insert().values(
+        api_scope=sa.bindparam("b_scope"), request_key=sa.bindparam("b_key"), attempt=sa.bindparam("b_attempt"),
+        try_number=sa.bindparam("b_try"), client_request_id=sa.bindparam("b_request_id"),
+        sent_at=param("b_now", t.sent_at),
+    )  # fmt: skip
+    answer_try = (
+        create_tries.update()
+        .where(t.api_scope == sa.bindparam("b_scope"), t.request_key == sa.bindparam("b_key"),
+               t.attempt == sa.bindparam("b_attempt"), t.try_number == sa.bindparam("b_try"))
+        .values(
+            answered_at=param("b_now", t.answered_at), created=True, status_code=sa.bindparam("b_status"),
+            generation_id=sa.bindparam("b_generation"), credits_used=param("b_try_credits", t.credits_used),
+            usd_spent=param("b_try_usd", t.usd_spent), detail=sa.bindparam("b_detail"),
+        )
+    )  # fmt: skip
+    close_created = (
+        attempts.update()
+        .where(
+            *attempt_key,
+            sa.or_(a.outcome.is_(None), a.outcome == AttemptOutcome.IN_DOUBT.value),
+            a.claim_owner == sa.bindparam("b_owner"),
+        )
+        .values(
+            outcome=AttemptOutcome.CREATED.value, finished_at=param("b_now", a.finished_at), error=None,
+            generation_id=sa.bindparam("b_generation"),
+            credits_used=sa.func.coalesce(sa.bindparam("b_credits", type_=float_), a.credits_used),
+            usd_spent=sa.func.coalesce(sa.bindparam("b_usd", type_=float_), a.usd_spent),
+        )
+    )  # fmt: skip
+    claimed_by_me = sa.and_(
+        sa.or_(g.state == State.SUBMITTING.value, g.state == State.IN_DOUBT.value),
+        g.claim_owner == sa.bindparam("b_owner"),
+    )
+    submitted = (
+        sa.update(generations)
+        .where(
+            g.api_scope == sa.bindparam("b_scope"), g.request_key == sa.bindparam("b_key"),
+            g.attempts == sa.bindparam("b_attempt"), sa.or_(claimed_by_me, g.state == State.PLANNED.value),
+        )
+        .values(
+            state=State.SUBMITTED.value, generation_id=sa.bindparam("b_generation"),
+            raw_status=sa.bindparam("b_raw"), submitted_at=param("b_now", g.submitted_at),
+            next_poll_at=param("b_poll", g.next_poll_at), error=None,
+            credits_used=sa.bindparam("b_credits", type_=float_), usd_spent=sa.bindparam("b_usd", type_=float_),
+            expected_seconds=sa.func.coalesce(sa.bindparam("b_expected", type_=float_), g.expected_seconds),
+            updated_at=param("b_now", g.updated_at),
+        )
+    )  # fmt: skip
+    return _BatchStatements(claim(False), claim(True), open_attempt, attempt_request_id, insert_try,
+                            answer_try, close_created, submitted)  # fmt: skip
 
 
 class Ledger:
@@ -404,12 +572,14 @@ class Ledger:
                     }
                     for p in chunk
                 ]
-                statement = _insert_ignoring_conflicts(conn, generations).values(rows)
-                inserted.update(conn.execute(statement.returning(generations.c.request_key)).scalars())
+                # Parameter lists, not one multi-row VALUES: SQLAlchemy caches the statement and batches
+                # the rows itself (compiling a 500-row VALUES clause took longer than running it).
+                statement = _insert_ignoring_conflicts(conn, generations).returning(generations.c.request_key)
+                inserted.update(conn.execute(statement, rows).scalars())
                 members = [
                     {"prompt_set": prompt_set, "request_key": p.request_key, "added_at": now} for p in chunk
                 ]
-                conn.execute(_insert_ignoring_conflicts(conn, set_members).values(members))
+                conn.execute(_insert_ignoring_conflicts(conn, set_members), members)
             # The plan is the whole set: retire every member, then reinstate the planned keys.
             in_set = set_members.c.prompt_set == prompt_set
             conn.execute(set_members.update().where(in_set, set_members.c.retired_at.is_(None)).values(retired_at=now))
@@ -546,6 +716,95 @@ class Ledger:
         so that settling the attempt finds it (see `_settle`)."""
         with self._writing() as conn:
             self._record_try_answer(conn, request_key, attempt, try_number, answer, self._clock())
+
+    # -- group commit: many tries' write-ahead records in one transaction --------------------------
+
+    def record_tries(
+        self, accepted: Sequence[AcceptedTry] = (), sending: Sequence[TrySending] = ()
+    ) -> list[ClaimLost | None]:
+        """`try_answered` for accepted tries and `try_sending` for tries about to be sent, all in one
+        transaction (group commit): the answers first, then the claims. Returns, per try of `sending`,
+        None (claimed and recorded: send it) or the `ClaimLost` that says not to send it.
+
+        The same rows and checks as the one-try calls, written with a few multi-row statements. A
+        database error, or an accepted try that was never recorded as sent (`IllegalTransition`),
+        rolls the whole transaction back and is raised: nothing of it is recorded, nothing may be sent.
+        """
+        for item in accepted:
+            if item.answer.created is not True or item.answer.generation_id is None:
+                raise ValueError("record_tries records accepted answers only, each with its generation id")
+        if not accepted and not sending:
+            return []
+        now = self._clock()
+        with self._writing() as conn:
+            if accepted:
+                self._accept_many(conn, accepted, now)
+            return self._claim_many(conn, sending, now) if sending else []
+
+    def _accept_many(self, conn: Connection, accepted: Sequence[AcceptedTry], now: datetime) -> None:
+        statements = _batch_statements()
+        common = {"b_scope": self.scope, "b_owner": self.owner, "b_now": now}
+        params = []
+        for item in accepted:
+            answer = item.answer
+            cost = _cost(answer.credits_used, answer.usd_spent)
+            params.append({
+                **common, "b_key": item.request_key, "b_attempt": item.attempt, "b_try": item.try_number,
+                "b_status": answer.status_code, "b_generation": answer.generation_id, "b_raw": answer.raw_status,
+                "b_detail": answer.detail, "b_try_credits": answer.credits_used, "b_try_usd": answer.usd_spent,
+                "b_credits": cost.get("credits_used"), "b_usd": cost.get("usd_spent"),
+                "b_poll": item.next_poll_at, "b_expected": item.expected_seconds,
+            })  # fmt: skip
+        if not _update_many(conn, statements.answer_try, params):
+            raise IllegalTransition("an accepted try of this batch was never recorded as sent")
+        # The attempt is a purchase whatever happened to the row meanwhile (see `_submitted`); a row
+        # another attempt has claimed since keeps that attempt (no row updated: not an error).
+        conn.execute(statements.close_created, params)
+        conn.execute(statements.submitted, params)
+
+    def _claim_many(self, conn: Connection, sending: Sequence[TrySending], now: datetime) -> list[ClaimLost | None]:
+        statements = _batch_statements()
+        common = {"b_scope": self.scope, "b_owner": self.owner, "b_now": now}
+        # One conditional UPDATE per (previous attempt, first try or not): typically one for the batch.
+        groups: dict[tuple[int, bool], list[str]] = {}
+        for item in sending:
+            expected = item.attempt - 1 if item.try_number == 1 else item.attempt
+            groups.setdefault((expected, item.try_number > 1), []).append(item.request_key)
+        won: dict[str, float | None] = {}  # key -> its estimate
+        for (expected, later_try), keys in groups.items():
+            statement = statements.reclaim if later_try else statements.claim
+            # In key order: concurrent claimers lock rows in one order.
+            for chunk in _chunks(sorted(keys)):
+                found = conn.execute(statement, {**common, "b_keys": list(chunk), "b_expected": expected,
+                                                 "b_attempt": expected + (0 if later_try else 1)})  # fmt: skip
+                won.update(tuple(row) for row in found)
+        winners = [item for item in sending if item.request_key in won]
+        rows = [
+            {**common, "b_key": i.request_key, "b_attempt": i.attempt, "b_try": i.try_number,
+             "b_request_id": i.client_request_id, "b_set": i.claim.prompt_set,
+             "b_reason": AttemptReason(i.claim.reason).value, "b_run": i.claim.run_id,
+             "b_estimate": won[i.request_key]}
+            for i in winners
+        ]  # fmt: skip
+        first = [row for row in rows if row["b_try"] == 1]
+        if first:
+            conn.execute(statements.open_attempt, first)
+        later = [row for row in rows if row["b_try"] > 1]
+        if later:
+            conn.execute(statements.attempt_request_id, later)
+        if rows:
+            conn.execute(statements.insert_try, rows)
+        outcomes: list[ClaimLost | None] = []
+        for item in sending:
+            if item.request_key in won:
+                outcomes.append(None)
+                continue
+            row = self._require_row(conn, item.request_key)
+            outcomes.append(ClaimLost(
+                f"request {item.request_key} is {row.state} (attempt {row.attempts}, claimed by "
+                f"{row.claim_owner or 'nobody'}): not sending attempt {item.attempt} try {item.try_number}"
+            ))  # fmt: skip
+        return outcomes
 
     def _record_try_answer(
         self, conn: Connection, request_key: str, attempt: int, try_number: int, answer: TryAnswer, now: datetime
@@ -964,6 +1223,143 @@ class Ledger:
                     .values(**cost)
                 )
         return target
+
+    def record_polls(self, answers: Sequence[PollAnswer]) -> list[State | Exception]:
+        """Many polls' outcomes (`record_poll` or, with `postpone`, `postpone_poll`) in one transaction.
+
+        The same checks as the one-row calls: each row is read in the transaction, its move checked
+        against `ALLOWED_MOVES` and written by a conditional UPDATE (several rows to a statement).
+        Returns, per answer, the row's new state or the exception the one-row call would have raised
+        (`IllegalTransition`, `KeyError`, `ValueError`): those answers are not applied, the others
+        are. A row another writer moved between the read and the write (PostgreSQL read committed)
+        sends the whole batch through the one-row calls instead.
+        """
+        if not answers:
+            return []
+        try:
+            with self._writing() as conn:
+                return self._record_polls(conn, answers, self._clock())
+        except _BatchConflict:
+            pass
+        outcomes: list[State | Exception] = []
+        for answer in answers:
+            try:
+                outcomes.append(self._record_one_poll(answer))
+            except (IllegalTransition, KeyError, ValueError) as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _record_one_poll(self, answer: PollAnswer) -> State:
+        if answer.postpone:
+            if answer.next_poll_at is None:
+                raise ValueError("a postponed poll needs its next poll time")
+            self.postpone_poll(answer.request_key, answer.next_poll_at, raw_status=answer.raw_status)
+            row = self.row(answer.request_key)
+            return row.state if row is not None else State.SUBMITTED
+        return self.record_poll(
+            answer.request_key, raw_status=answer.raw_status, status=answer.status or "",
+            video_url=answer.video_url, video_expires_at=answer.video_expires_at, error=answer.error,
+            credits_used=answer.credits_used, usd_spent=answer.usd_spent, next_poll_at=answer.next_poll_at,
+        )  # fmt: skip
+
+    def _record_polls(self, conn: Connection, answers: Sequence[PollAnswer], now: datetime) -> list[State | Exception]:
+        keys = list(dict.fromkeys(a.request_key for a in answers))
+        columns = (generations.c.request_key, generations.c.state, generations.c.attempts, generations.c.poll_count,
+                   generations.c.generating_at, generations.c.completed_at)  # fmt: skip
+        current: dict[str, Any] = {}
+        for chunk in _chunks(keys):
+            query = sa.select(*columns).where(generations.c.api_scope == self.scope, generations.c.request_key.in_(chunk))
+            current.update((r.request_key, r) for r in conn.execute(query))
+        outcomes: list[State | Exception] = []
+        # Rows grouped by the columns they write (one executemany each); the state they were read in
+        # is the condition, so a row moved meanwhile is detected by the row count.
+        updates: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        costs: list[dict[str, Any]] = []
+        seen: dict[str, Any] = {}
+        for answer in answers:
+            row = seen.get(answer.request_key) or current.get(answer.request_key)
+            try:
+                if row is None:
+                    raise KeyError(f"request {answer.request_key} is not in the ledger for {self.scope}")
+                target, values, cost = self._poll_values(answer, row, now)
+            except (IllegalTransition, KeyError, ValueError) as exc:
+                outcomes.append(exc)
+                continue
+            if answer.request_key in seen:  # the same row twice in a batch: rare; keep it simple
+                raise _BatchConflict
+            seen[answer.request_key] = row
+            params = {"b_key": answer.request_key, "b_from": row.state, "b_now": now,
+                      **{f"b_{name}": value for name, value in values.items()}}  # fmt: skip
+            updates.setdefault(tuple(sorted(values)), []).append(params)
+            if cost:
+                costs.append({"b_key": answer.request_key, "b_attempt": row.attempts,
+                              "b_credits": cost.get("credits_used"), "b_usd": cost.get("usd_spent")})  # fmt: skip
+            outcomes.append(target)
+        for names, params in updates.items():
+            statement = (
+                sa.update(generations)
+                .where(
+                    generations.c.api_scope == self.scope,
+                    generations.c.request_key == sa.bindparam("b_key"),
+                    generations.c.state == sa.bindparam("b_from"),
+                )
+                .values(
+                    updated_at=sa.bindparam("b_now", type_=generations.c.updated_at.type),
+                    **{name: sa.bindparam(f"b_{name}", type_=generations.c[name].type) for name in names},
+                )
+            )
+            if not _update_many(conn, statement, params):
+                raise _BatchConflict
+        if costs:
+            statement = (
+                attempts.update()
+                .where(
+                    attempts.c.api_scope == self.scope,
+                    attempts.c.request_key == sa.bindparam("b_key"),
+                    attempts.c.attempt == sa.bindparam("b_attempt"),
+                )
+                .values(
+                    credits_used=sa.func.coalesce(sa.bindparam("b_credits", type_=sa.Float), attempts.c.credits_used),
+                    usd_spent=sa.func.coalesce(sa.bindparam("b_usd", type_=sa.Float), attempts.c.usd_spent),
+                )
+            )
+            conn.execute(statement, costs)
+        return outcomes
+
+    def _poll_values(self, answer: PollAnswer, row: Any, now: datetime) -> tuple[State, dict[str, Any], dict[str, float]]:
+        """What `record_poll` (or `postpone_poll`) writes for this answer on a row read as `row`."""
+        current = State(row.state)
+        if answer.postpone:
+            if answer.next_poll_at is None:
+                raise ValueError("a postponed poll needs its next poll time")
+            if current not in PENDING_REMOTE:
+                raise IllegalTransition(f"request {answer.request_key}: {current} -> {current} is not allowed here")
+            values: dict[str, Any] = {"next_poll_at": answer.next_poll_at}
+            if answer.raw_status is not None:
+                values["raw_status"] = answer.raw_status
+            return current, values, {}
+        status = answer.status
+        if status not in POLL_STATUSES:
+            raise ValueError(f"poll status must be one of {POLL_STATUSES}, got {status!r}")
+        if status == "pending" and answer.next_poll_at is None:
+            raise ValueError("a pending generation needs a next poll time")
+        cost = _cost(answer.credits_used, answer.usd_spent)
+        values = {"raw_status": answer.raw_status, "poll_count": row.poll_count + 1, **cost}
+        if status == "pending":
+            queued = (answer.raw_status or "").lower() in QUEUED_RAW_STATUSES
+            target = State.SUBMITTED if queued and current == State.SUBMITTED else State.GENERATING
+            values["next_poll_at"] = answer.next_poll_at
+            if target == State.GENERATING:
+                values["generating_at"] = row.generating_at or now
+        else:
+            target = State.COMPLETED if status == "completed" else State.FAILED
+            values.update(next_poll_at=None, completed_at=row.completed_at or now, error=answer.error)
+            if target == State.COMPLETED:
+                values.update(video_url=answer.video_url, video_expires_at=answer.video_expires_at)
+        if target not in ALLOWED_MOVES[current]:
+            raise IllegalTransition(f"request {answer.request_key}: {current} -> {target} is not allowed here")
+        values["state"] = target.value
+        return target, values, cost
 
     def postpone_poll(self, request_key: str, next_poll_at: datetime, *, raw_status: str | None = None) -> None:
         """A poll that could not be answered (transient error): ask again later, state unchanged.
