@@ -67,12 +67,26 @@ def has_scheme(ref: str) -> bool:
     return "://" in ref
 
 
+@functools.lru_cache(maxsize=256)
+def _resolved_absolute_root(root: Path) -> Path:
+    return root.resolve()
+
+
+def _resolved_root(root: str | Path) -> Path:
+    # Resolving a root is a few syscalls per path component, paid for every image of every create
+    # otherwise (the largest single item of a submission's CPU): an absolute root is resolved once
+    # per process (a relative one depends on the working directory, so it is resolved every time).
+    # The media path itself is always resolved afresh and checked against the roots.
+    path = Path(root).expanduser()
+    return _resolved_absolute_root(path) if path.is_absolute() else path.resolve()
+
+
 def resolve_local_path(ref: str, base_dir: Path | None, allowed_roots: Sequence[Path]) -> Path:
     """Resolve a local path (relative to `base_dir`) and refuse anything outside `base_dir` and
     `allowed_roots`. With neither, nothing local is allowed: fail closed, never "anything goes"."""
-    roots = [Path(r).expanduser().resolve() for r in allowed_roots]
+    roots = [_resolved_root(r) for r in allowed_roots]
     if base_dir is not None:
-        roots.append(Path(base_dir).expanduser().resolve())
+        roots.append(_resolved_root(base_dir))
     if not roots:
         raise MediaError(
             f"local media {quoted(ref)} is not allowed: no allowed roots are configured "
