@@ -80,9 +80,10 @@ def measure_baseline(count: int, latency_s: float, root: Path) -> dict[str, Any]
     }
 
 
-def measure_pipeline(count: int, latency_s: float, root: Path) -> dict[str, Any]:
+def measure_pipeline(count: int, latency_s: float, root: Path, *, deadline_s: float | None = None) -> dict[str, Any]:
     measurement = measure_pipeline_run(
-        count, emulator_config(latency_s), root, expected_s=latency_s, deadline_s=max(120.0, 20 * latency_s)
+        count, emulator_config(latency_s), root, expected_s=latency_s,
+        deadline_s=deadline_s or max(120.0, 20 * latency_s),
     )
     run = measurement.run
     return {

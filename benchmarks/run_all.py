@@ -23,6 +23,7 @@ from report import document, scaling_figure
 BENCHMARKS = (
     ("bench_e2e.py", 420, 90),
     ("bench_streaming.py", 300, 90),
+    ("bench_one_set.py", 1200, 120),
     ("bench_polling.py", 300, 90),
     ("bench_submit.py", 420, 90),
     ("bench_sensor.py", 600, 90),
