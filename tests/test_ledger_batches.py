@@ -10,7 +10,6 @@ accepted answer is committed with the next claim, before the create that took it
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -26,16 +25,10 @@ CREDITS = 1_050_000.0
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def ledger(target: LedgerTarget, clock: Clock) -> Iterator[Ledger]:
-    opened = target.open(clock=clock)
-    opened.plan("s", [planned(k) for k in KEYS])
-    yield opened
-    opened.close()
+def ledger(ledger: Ledger) -> Ledger:
+    """The shared ledger fixture (conftest), with KEYS planned in set `s`."""
+    ledger.plan("s", [planned(k) for k in KEYS])
+    return ledger
 
 
 def sending(key: str, attempt: int = 1, try_number: int = 1) -> TrySending:
