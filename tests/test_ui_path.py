@@ -15,12 +15,12 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 import httpx
 import pytest
 from conftest import EMULATOR_API_KEY
+from dagster_services import graphql
 from pipeline_support import SAMPLE_IMAGES, TWO_SEEDS
 from test_webserver_smoke import REPO, WEBSERVER, free_port, query_until_loaded, stop_process_group
 
@@ -69,14 +69,6 @@ query Observations($assetKey: AssetKeyInput!, $partitions: [String!]) {
   }
 }
 """
-
-
-def graphql(client: httpx.Client, query: str, **variables: Any) -> dict[str, Any]:
-    response = client.post("/graphql", json={"query": query, "variables": variables})
-    response.raise_for_status()
-    body = response.json()
-    assert "errors" not in body, body["errors"]
-    return body["data"]
 
 
 def launch(client: httpx.Client, location: str, assets: list[str], partition: str, tags: dict | None = None,
