@@ -122,13 +122,7 @@ def run(quick: bool, workdir: Path) -> list[Figure]:
          "GETs / generation", "peak RSS MB", "exit code"],
         rows,
     )
-    # Phases in the order they happen (the largest run has them all).
-    phase_names = list(max((r["phases"] for r in runs), key=len))
-    phases = Table(
-        "Where the wall time goes (from the Dagster event log of each run)",
-        ["phase", *[f"N = {r['count']}" for r in runs]],
-        [[name, *[r["phases"].get(name) for r in runs]] for name in phase_names],
-    )
+    phases = phase_table(runs)
     figure = Figure(
         "1",
         "End to end: `wan-pipeline run` vs the provider's sequential loop",
@@ -157,6 +151,16 @@ def run(quick: bool, workdir: Path) -> list[Figure]:
     for r in failed:
         figure.notes.append(f"N = {r['count']}: `wan-pipeline run` exited {r['exit_code']}: {r['output_tail']}")
     return [figure]
+
+
+def phase_table(runs: list[dict[str, Any]]) -> Table:
+    """Where each run's wall time went, phases in the order they happen (the largest run has them all)."""
+    phase_names = list(max((r["phases"] for r in runs), key=len))
+    return Table(
+        "Where the wall time goes (from the Dagster event log of each run)",
+        ["phase", *[f"N = {r['count']}" for r in runs]],
+        [[name, *[r["phases"].get(name) for r in runs]] for name in phase_names],
+    )
 
 
 def targets(runs: list[dict[str, Any]], latency: float) -> list[Target]:

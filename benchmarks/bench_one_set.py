@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench_e2e import LATENCY_S, measure_pipeline
+from bench_e2e import LATENCY_S, measure_pipeline, phase_table
 from common import Figure, Table, Target, bench_main, ratio
 
 SIZES, QUICK_SIZES = (1000, 5000), (100,)
@@ -31,12 +31,7 @@ def run(quick: bool, workdir: Path) -> list[Figure]:
         [[r["count"], r["wall_s"], r["wall_s"] - LATENCY_S, 1000 * r["wall_s"] / r["count"], r["max_rss_mb"],
           r["creates"], ratio(r["gets"], r["count"]), r["downloads"], r["exit_code"]] for r in runs],
     )
-    phase_names = list(max((r["phases"] for r in runs), key=len))
-    phases = Table(
-        "Where the wall time goes (from the Dagster event log of each run)",
-        ["phase", *[f"N = {r['count']}" for r in runs]],
-        [[name, *[r["phases"].get(name) for r in runs]] for name in phase_names],
-    )
+    phases = phase_table(runs)
     figure = Figure(
         "8",
         "5,000 in one set through `wan-pipeline run` (issue 12, figure 5)",
