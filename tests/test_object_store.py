@@ -247,6 +247,23 @@ def test_a_set_runs_end_to_end_on_s3_and_a_second_set_reuses_its_videos_inside_t
         assert SECRET_ACCESS_KEY not in caplog.text
 
 
+def test_a_second_collection_on_s3_reads_no_stored_video_again(
+    tmp_path: Path, emulator, monkeypatch: pytest.MonkeyPatch, s3_root: str
+) -> None:
+    with dg.instance_for_test() as instance:
+        project = make_project(tmp_path, emulator, monkeypatch, instance, output=s3_root)
+        project.write_set(f"{SET}.yaml", TWO_SEEDS)
+        assert project.submit(SET).success and project.collect(SET).success
+        reads: list[str] = []
+        on_s3_call(monkeypatch, lambda method, arguments: method == "get_object" and reads.append(arguments["Key"]))
+        again = project.collect(SET)
+        assert again.success and materialization(again, "downloaded_videos")["already_verified"] == 2
+        # Each object still has the ETag its sidecar recorded when it was hashed: no video is read.
+        assert not [key for key in reads if key.endswith(".mp4")]
+        (check,) = [c for c in again.get_asset_check_evaluations() if c.check_name == "videos_match_requests"]
+        assert check.passed and check.metadata["videos_hashed_again"].value == 0
+
+
 def test_wan_pipeline_run_then_reproduce_on_a_bucket(workdir, s3_server, s3_root: str) -> None:  # noqa: F811
     cwd, env = workdir
     env = {**env, **s3_server.environment, "WAN_PIPELINE_OUTPUT": s3_root}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -158,6 +159,43 @@ def test_rematerializing_a_finished_set_buys_nothing_and_downloads_nothing(proje
     assert materialization(again, "submitted_generations")["new"] == 0
     assert materialization(again, "downloaded_videos")["already_verified"] == 2
     assert project.accepted_creates() == creates
+
+
+def check_metadata(result: dg.ExecuteInProcessResult, name: str) -> dict:
+    (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.check_name == name]
+    assert evaluation.passed, evaluation.metadata
+    return {key: value.value for key, value in evaluation.metadata.items()}
+
+
+def test_a_rematerialization_reads_no_unchanged_video_and_replaces_one_changed_in_place(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.write_set(f"{SET}.yaml", TWO_SEEDS)
+    assert run_sensor_path(project).success
+    job = project.defs.resolve_implicit_global_asset_job_def()
+
+    again = job.execute_in_process(instance=project.instance, partition_key=SET)
+    assert materialization(again, "downloaded_videos")["already_verified"] == 2
+    # Both files still have the stamp recorded when they were hashed: neither is read again.
+    check = check_metadata(again, "videos_match_requests")
+    assert (check["videos_checked"], check["videos_hashed_again"]) == (2, 0)
+
+    video = sorted((project.root / "outputs" / SET).glob("*.mp4"))[0]
+    recorded = json.loads(video.with_suffix(".json").read_text())["video"]["sha256"]
+    with open(video, "r+b") as handle:  # same size, same inode: only its mtime says it changed
+        handle.seek(video.stat().st_size // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    third = job.execute_in_process(instance=project.instance, partition_key=SET)
+    videos = materialization(third, "downloaded_videos")
+    assert (videos["downloaded"], videos["already_verified"]) == (1, 1)  # hashed, found changed, replaced
+    assert hashlib.sha256(video.read_bytes()).hexdigest() == recorded
+    assert project.accepted_creates() == 2
+
+    monkeypatch.setenv("WAN_PIPELINE_REHASH", "always")
+    fourth = job.execute_in_process(instance=project.instance, partition_key=SET)
+    assert check_metadata(fourth, "videos_match_requests")["videos_hashed_again"] == 2
 
 
 def test_editing_one_prompt_submits_exactly_one_new_generation(project: Project) -> None:

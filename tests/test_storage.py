@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -15,7 +17,17 @@ from pathlib import Path
 import pytest
 from upath import UPath
 
-from wan_pipeline.storage import HOST_TAG, VideoStore, atomic_writer, file_sha256, temporary_path
+from wan_pipeline import storage
+from wan_pipeline.storage import (
+    FILE_STAMP,
+    HOST_TAG,
+    VideoStore,
+    atomic_writer,
+    file_sha256,
+    file_stamp,
+    hashed_stamp,
+    temporary_path,
+)
 
 KEY = "0123456789abcdef" * 2
 VIDEO = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8
@@ -150,12 +162,77 @@ def test_video_differing_from_its_sidecar_is_not_verified(root: UPath) -> None:
     assert not store.is_verified("demo", KEY)
 
 
-def test_expected_sha256_from_the_caller_wins(root: UPath) -> None:
+def stamped_sidecar(path: UPath, data: bytes = VIDEO) -> dict:
+    sha = hashlib.sha256(data).hexdigest()
+    return {"video": {"sha256": sha}, FILE_STAMP: hashed_stamp(path, sha)}
+
+
+def test_a_file_unchanged_since_it_was_hashed_is_not_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = VideoStore(tmp_path / "videos")
+    path = store_video(store)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() - 10**9))  # written a second before it was stamped
+    store.write_sidecar("demo", KEY, stamped_sidecar(path))
+    monkeypatch.setattr(storage, "file_sha256", lambda _: pytest.fail("an unchanged file was hashed again"))
+    assert store.is_verified("demo", KEY)
+
+
+def test_a_file_changed_in_place_after_its_stamp_is_hashed_again(tmp_path: Path) -> None:
+    store = VideoStore(tmp_path / "videos")
+    path = store_video(store)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() - 10**9))
+    store.write_sidecar("demo", KEY, stamped_sidecar(path))
+    with open(path, "r+b") as handle:  # same size, same inode: only the mtime tells
+        handle.seek(100)
+        handle.write(b"!")
+    assert not store.is_verified("demo", KEY)
+
+
+def test_a_stamp_of_other_bytes_than_the_sidecar_describes_is_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = VideoStore(tmp_path / "videos")
+    path = store_video(store)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() - 10**9))
+    sidecar = {**stamped_sidecar(path), "video": {"sha256": "0" * 64}}  # the sidecar edited after its stamp
+    assert not storage.unchanged_since_hashed(path, sidecar)
+    assert not store.is_verified("demo", KEY, sidecar)
+
+
+def test_a_stamp_taken_in_the_tick_of_the_last_write_proves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A write in the same clock tick as the stamp leaves size, mtime and inode as they were (git's
+    # "racy" case): such a stamp cannot vouch for the bytes, the file is hashed.
+    store = VideoStore(tmp_path / "videos")
+    path = store_video(store)
+    sidecar = stamped_sidecar(path)
+    sidecar[FILE_STAMP]["taken_ns"] = sidecar[FILE_STAMP]["mtime_ns"] + 1000
+    hashed = []
+    monkeypatch.setattr(storage, "file_sha256", lambda p: hashed.append(p) or (len(VIDEO), hashlib.sha256(VIDEO).hexdigest()))
+    assert store.is_verified("demo", KEY, sidecar) and hashed
+
+
+def test_rehash_always_hashes_even_an_unchanged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = VideoStore(tmp_path / "videos")
+    path = store_video(store)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() - 10**9))
+    sidecar = stamped_sidecar(path)
+    assert storage.unchanged_since_hashed(path, sidecar)
+    monkeypatch.setenv("WAN_PIPELINE_REHASH", "always")
+    assert not storage.unchanged_since_hashed(path, sidecar)
+    monkeypatch.setenv("WAN_PIPELINE_REHASH", "sometimes")
+    with pytest.raises(ValueError, match="WAN_PIPELINE_REHASH='sometimes'"):
+        storage.unchanged_since_hashed(path, sidecar)
+
+
+def test_without_a_stamp_the_filesystem_offers_every_check_hashes(root: UPath) -> None:
     store = VideoStore(root)
-    store_video(store)
-    store.write_sidecar("demo", KEY, {"video": {"sha256": "00" * 32}})
-    assert store.is_verified("demo", KEY, expected_sha256=hashlib.sha256(VIDEO).hexdigest())
-    assert not store.is_verified("demo", KEY, expected_sha256="11" * 32)
+    path = store_video(store)
+    if root.protocol == "memory":  # no ETag, no inode: nothing to vouch for the bytes
+        assert file_stamp(path) is None
+    assert not storage.unchanged_since_hashed(path, {"video": {}, FILE_STAMP: None})
 
 
 @pytest.mark.parametrize(

@@ -27,11 +27,11 @@ from wan_pipeline import __version__
 from wan_pipeline.api import ApiError, AsyncAimlApiClient, DownloadExpired
 from wan_pipeline.catalog import CatalogRequest
 from wan_pipeline.ledger import IllegalTransition, Ledger, LedgerRow, State, StoredVideo, VideoSource
-from wan_pipeline.media import MediaDecodeError, matches_request, probe_video
+from wan_pipeline.media import MediaDecodeError, VideoProbe, matches_request, probe_video
 from wan_pipeline.quality import QualityThresholds, assess_video
 from wan_pipeline.safe_text import printable
 from wan_pipeline.scopes import LEGACY_SCOPE, api_origin
-from wan_pipeline.storage import VideoStore, file_sha256
+from wan_pipeline.storage import FILE_STAMP, VideoStore, file_sha256, hashed_stamp, unchanged_since_hashed
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def build_provenance(
     probe: dict[str, Any],
     reused_from: dict[str, str] | None = None,
     quality: dict[str, Any] | None = None,
+    stamp: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     processing_s = (
         (row.completed_at - row.submitted_at).total_seconds() if row.completed_at and row.submitted_at else None
@@ -121,6 +122,10 @@ def build_provenance(
     }
     if quality is not None:
         provenance["quality"] = quality
+    if stamp is not None:
+        # How the stored file looked right after it was hashed and probed: a later collection or check
+        # that finds it so trusts those results instead of reading the whole file again.
+        provenance[FILE_STAMP] = stamp
     if reused_from:
         # Bought once, by another set: this set's copy cost nothing.
         provenance["reused_from"] = reused_from
@@ -215,6 +220,38 @@ def _sidecar_matches(sidecar: dict[str, Any] | None, scope: str) -> bool:
     return bool(sidecar) and (sidecar.get("api") or {}).get("scope") == scope
 
 
+def _keep_stored(
+    ledger: Ledger,
+    store: VideoStore,
+    request: CatalogRequest,
+    sidecar: dict[str, Any],
+    recorded: StoredVideo | None,
+    thresholds: QualityThresholds,
+) -> CollectedVideo | None:
+    """This API's video of the request, already in the set's folder, kept when it is verified: unchanged
+    since it was hashed (its stamp), else hashed again (and stamped anew). None: it must be replaced."""
+    key, prompt_set = request.request_key, request.prompt_set
+    path = store.video_path(prompt_set, key)
+    updates: dict[str, Any] = {}
+    if not unchanged_since_hashed(path, sidecar):
+        if not store.is_verified(prompt_set, key, sidecar):
+            return None
+        updates[FILE_STAMP] = hashed_stamp(path, sidecar["video"]["sha256"])
+    quality = sidecar.get("quality")
+    if quality is None:  # stored before quality was measured: measure it once, now
+        quality = updates["quality"] = measure_quality(request, path, thresholds)
+    if updates:
+        store.write_sidecar(prompt_set, key, {**sidecar, **updates})
+    video = sidecar["video"]
+    if recorded is None or recorded.sha256 != video["sha256"]:
+        reused = sidecar.get("reused_from") or {}
+        ledger.record_video(
+            prompt_set, key, path=str(path), sha256=video["sha256"], size_bytes=video["bytes"],
+            source=VideoSource.COPY if reused else VideoSource.DOWNLOAD, copied_from_set=reused.get("prompt_set"),
+        )
+    return CollectedVideo(key, str(path), video["sha256"], video["bytes"], video, "kept", quality)
+
+
 async def _collect_one(
     ledger: Ledger,
     client: AsyncAimlApiClient,
@@ -224,38 +261,16 @@ async def _collect_one(
     copies: list[StoredVideo],
     report: CollectReport,
     thresholds: QualityThresholds,
-    trust_recorded: bool = False,
 ) -> None:
     key, prompt_set = request.request_key, request.prompt_set
     video_path = store.video_path(prompt_set, key)
     sidecar = await asyncio.to_thread(store.read_sidecar, prompt_set, key)
-    recorded = next((c for c in copies if c.prompt_set == prompt_set and c.path == str(video_path)), None)
-    if trust_recorded and recorded is not None and _sidecar_matches(sidecar, ledger.scope) and (
-        (sidecar.get("video") or {}).get("sha256") == recorded.sha256
-        and sidecar.get("quality") is not None
-        and await asyncio.to_thread(_size_of, video_path) == recorded.size_bytes
-    ):
-        # An increment: this set's ledger already records this file, and it is there with its size.
-        # It was hashed when stored; the final collection (and its check) verifies it again.
-        video = sidecar["video"]
-        report.videos.append(
-            CollectedVideo(key, str(video_path), video["sha256"], video["bytes"], video, "kept", sidecar["quality"])
-        )
-        return
-    if _sidecar_matches(sidecar, ledger.scope) and await asyncio.to_thread(store.is_verified, prompt_set, key):
-        video = sidecar["video"]
-        reused = sidecar.get("reused_from") or {}
-        quality = sidecar.get("quality")
-        if quality is None:  # stored before quality was measured: measure it once, now
-            quality = await asyncio.to_thread(measure_quality, request, video_path, thresholds)
-            await asyncio.to_thread(store.write_sidecar, prompt_set, key, {**sidecar, "quality": quality})
-        await asyncio.to_thread(
-            ledger.record_video, prompt_set, key, path=str(video_path), sha256=video["sha256"],
-            size_bytes=video["bytes"], source=VideoSource.COPY if reused else VideoSource.DOWNLOAD,
-            copied_from_set=reused.get("prompt_set"),
-        )
-        report.videos.append(CollectedVideo(key, str(video_path), video["sha256"], video["bytes"], video, "kept", quality))
-        return
+    if _sidecar_matches(sidecar, ledger.scope):
+        recorded = next((c for c in copies if c.prompt_set == prompt_set and c.path == str(video_path)), None)
+        kept = await asyncio.to_thread(_keep_stored, ledger, store, request, sidecar, recorded, thresholds)
+        if kept is not None:
+            report.videos.append(kept)
+            return
     if sidecar is not None and not _sidecar_matches(sidecar, ledger.scope):
         await asyncio.to_thread(_keep_other_apis_video, ledger, store, prompt_set, key, sidecar)
     for copy in copies:
@@ -272,6 +287,7 @@ async def _collect_one(
             request, row, ledger.scope, client.config.base_url, sha256=copy.sha256, size_bytes=copy.size_bytes,
             probe={k: v for k, v in probe.items() if k not in ("sha256", "bytes")},
             reused_from={"prompt_set": copy.prompt_set, "path": copy.path}, quality=quality,
+            stamp=await asyncio.to_thread(hashed_stamp, copied, copy.sha256),
         )
         await asyncio.to_thread(store.write_sidecar, prompt_set, key, provenance)
         await asyncio.to_thread(
@@ -290,13 +306,15 @@ async def _collect_one(
             probe = await asyncio.to_thread(_probe_dict, staged.path)
             quality = await asyncio.to_thread(measure_quality, request, staged.path, thresholds)
             final = await asyncio.to_thread(staged.publish)
+            stamp = await asyncio.to_thread(hashed_stamp, final, sha)
     except (ApiError, MediaDecodeError, OSError) as exc:
         why = printable(f"{exc.__class__.__name__}: {exc}", 500)
         await asyncio.to_thread(ledger.note_collection_problem, key, f"not stored: {why}")
         report.failures.append((key, why))
         return
     provenance = build_provenance(
-        request, row, ledger.scope, client.config.base_url, sha256=sha, size_bytes=size, probe=probe, quality=quality
+        request, row, ledger.scope, client.config.base_url, sha256=sha, size_bytes=size, probe=probe, quality=quality,
+        stamp=stamp,
     )
     await asyncio.to_thread(store.write_sidecar, prompt_set, key, provenance)
     await asyncio.to_thread(ledger.record_video, prompt_set, key, path=str(final), sha256=sha, size_bytes=size)
@@ -310,16 +328,15 @@ def collect_videos(
     requests: Sequence[CatalogRequest],
     *,
     thresholds: QualityThresholds | None = None,
-    partial: bool = False,
 ) -> CollectReport:
     """Store every completed generation of `requests` in their set's folder: keep a verified file,
     copy one another set already stored (no call to the provider), or download it. Each stored
     video's quality metrics are measured once and kept in its sidecar (thresholds: from the
     environment unless given).
 
-    Videos the ledger does not record as stored in their set go first. `partial` (an increment
-    while other generations still run): a file the set's ledger records, present with its recorded
-    size, is kept without hashing it again; a full collection re-verifies every file."""
+    Videos the ledger does not record as stored in their set go first. A stored file whose stamp says
+    it is unchanged since it was hashed is kept without reading it (`WAN_PIPELINE_REHASH=always`:
+    every file is hashed again)."""
     thresholds = thresholds or QualityThresholds.from_env()
     rows = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in requests)}
     todo = [(r, rows[r.request_key]) for r in requests if r.request_key in rows and rows[r.request_key].state == State.COMPLETED]
@@ -343,7 +360,6 @@ def collect_videos(
                 async with slots:
                     await _collect_one(
                         ledger, client, store, request, row, copies.get(request.request_key, []), report, thresholds,
-                        trust_recorded=partial,
                     )
 
             await asyncio.gather(*(collect_one(r, row) for r, row in todo))
@@ -353,38 +369,64 @@ def collect_videos(
     return report
 
 
-def verify_videos(store: VideoStore, requests: Sequence[CatalogRequest], completed_keys: set[str]) -> list[str]:
-    """Problems with the stored videos of completed generations; [] when every one is sound.
+@dataclass
+class VerifyReport:
+    problems: list[str] = field(default_factory=list)  # [] when every video is sound
+    checked: int = 0
+    hashed: int = 0  # read again: changed since hashed, racy, never stamped, or WAN_PIPELINE_REHASH=always
+
+
+def _recorded_probe(video: dict[str, Any]) -> VideoProbe | None:
+    """The probe a sidecar recorded when its video was hashed and probed; None if it lacks a field."""
+    try:
+        return VideoProbe(
+            width=int(video["width"]), height=int(video["height"]), duration_s=float(video["duration_s"]),
+            fps=video.get("fps"), codec=str(video["codec"]), has_audio=bool(video["has_audio"]),
+            audio_codec=video.get("audio_codec"), frame_count=None,
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def verify_videos(store: VideoStore, requests: Sequence[CatalogRequest], completed_keys: set[str]) -> VerifyReport:
+    """Check the stored videos of completed generations.
 
     Each video must exist, decode to its last frame, match its request's resolution, duration and
-    audio, and hash to the sha256 its sidecar records.
+    audio, and hash to the sha256 its sidecar records. A file unchanged since it was hashed and probed
+    (the stamp its sidecar recorded: size, mtime and inode, or the object's ETag) is judged on what
+    its sidecar recorded then; any other is hashed and probed again.
     """
-    problems: list[str] = []
+    report = VerifyReport()
     for request in requests:
         key = request.request_key
         if key not in completed_keys:
             continue
+        report.checked += 1
         path = store.video_path(request.prompt_set, key)
         sidecar = store.read_sidecar(request.prompt_set, key)
         if not path.exists():
-            problems.append(f"{key}: no video at {path}")
+            report.problems.append(f"{key}: no video at {path}")
             continue
         if sidecar is None:
-            problems.append(f"{key}: no provenance sidecar beside {path}")
+            report.problems.append(f"{key}: no provenance sidecar beside {path}")
             continue
-        _, sha = file_sha256(path)
-        if sha != sidecar.get("video", {}).get("sha256"):
-            problems.append(f"{key}: sha256 {sha[:12]}... differs from the sidecar's")
-        try:
-            probe = probe_video(path)
-        except MediaDecodeError as exc:
-            problems.append(f"{key}: {exc}")
-            continue
+        recorded = sidecar.get("video") if isinstance(sidecar.get("video"), dict) else {}
+        probe = _recorded_probe(recorded) if unchanged_since_hashed(path, sidecar) else None
+        if probe is None:
+            report.hashed += 1
+            _, sha = file_sha256(path)
+            if sha != recorded.get("sha256"):
+                report.problems.append(f"{key}: sha256 {sha[:12]}... differs from the sidecar's")
+            try:
+                probe = probe_video(path)
+            except MediaDecodeError as exc:
+                report.problems.append(f"{key}: {exc}")
+                continue
         mismatches = matches_request(
             probe,
             resolution=request.request.resolution,
             duration_s=request.request.duration,
             expect_audio=expects_audio(request),
         )
-        problems.extend(f"{key}: {m}" for m in mismatches)
-    return problems
+        report.problems.extend(f"{key}: {m}" for m in mismatches)
+    return report

@@ -29,7 +29,7 @@ import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
 from upath import UPath
@@ -46,6 +46,12 @@ BY_API = "by-api"
 FOREIGN_TEMPORARY_AGE_S = 3600.0
 # Protocols whose rename is atomic (universal-pathlib gives a plain local path the protocol "").
 RENAMING_PROTOCOLS = frozenset({"", "file", "local", "memory"})
+# The sidecar key recording the stored video's `file_stamp` when it was hashed and probed.
+FILE_STAMP = "file_stamp"
+REHASH_VARIABLE = "WAN_PIPELINE_REHASH"
+# A local stamp is trusted only if taken this long after the file's mtime: coarser than the clock
+# tick filesystems stamp mtimes with (jiffies: 1-10 ms on ext4, xfs, btrfs, tmpfs).
+RACY_MTIME_NS = 20_000_000
 
 
 def _checked(pattern: re.Pattern[str], value: str, what: str) -> str:
@@ -154,6 +160,58 @@ def sweep_temporaries(folder: UPath) -> list[str]:
     return removed
 
 
+def rehash_unchanged(environ: Mapping[str, str] | None = None) -> bool:
+    """`WAN_PIPELINE_REHASH=always`: hash (and probe) every stored video on every verification, even
+    one whose file stamp says it is unchanged since it was hashed. The default is `changed`."""
+    value = (os.environ if environ is None else environ).get(REHASH_VARIABLE, "changed").strip().lower() or "changed"
+    if value not in ("changed", "always"):
+        raise ValueError(f"{REHASH_VARIABLE}={value!r}: expected 'changed' (the default) or 'always'")
+    return value == "always"
+
+
+def file_stamp(path: str | UPath) -> dict[str, Any] | None:
+    """What changes whenever a stored file's bytes change, read without reading them: size, mtime and
+    inode on a local disk (what git's index trusts), size and ETag on an object store. None where the
+    filesystem offers neither (such a file is hashed every time) or the file is gone."""
+    target = UPath(path)
+    try:
+        if target.protocol in ("", "file", "local"):
+            stat = os.stat(target.path)
+            return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "inode": f"{stat.st_dev}:{stat.st_ino}",
+                    "taken_ns": time.time_ns()}
+        info = target.fs.info(target.path)
+    except (OSError, ValueError):
+        return None
+    etag = info.get("ETag") or info.get("etag")
+    return {"size": info.get("size"), "etag": str(etag).strip('"')} if etag else None
+
+
+def hashed_stamp(path: str | UPath, sha256: str) -> dict[str, Any] | None:
+    """The file's stamp with the sha256 its bytes were just found to have, for its sidecar (`FILE_STAMP`)."""
+    stamp = file_stamp(path)
+    return None if stamp is None else {**stamp, "sha256": sha256}
+
+
+def unchanged_since_hashed(path: str | UPath, sidecar: dict[str, Any] | None) -> bool:
+    """The sidecar records the file's stamp (`FILE_STAMP`) from when its bytes hashed to the sha256 the
+    sidecar records, and the file at `path` still has it. A local stamp taken within `RACY_MTIME_NS`
+    of the file's last write proves nothing (a write in the same clock tick leaves the mtime as it
+    was: git's "racy" entries): such a file is hashed again."""
+    recorded = (sidecar or {}).get(FILE_STAMP)
+    video = (sidecar or {}).get("video")
+    if not isinstance(recorded, dict) or not isinstance(video, dict) or rehash_unchanged():
+        return False
+    if not recorded.get("sha256") or recorded.get("sha256") != video.get("sha256"):
+        return False  # the stamp vouches for other bytes than those the sidecar describes
+    current = file_stamp(path)
+    if current is None or any(current[k] != recorded.get(k) for k in current if k != "taken_ns"):
+        return False
+    if "mtime_ns" in recorded:
+        taken = recorded.get("taken_ns")
+        return isinstance(taken, int) and recorded["mtime_ns"] + RACY_MTIME_NS < taken
+    return True
+
+
 def file_sha256(path: str | UPath) -> tuple[int, str]:
     """Size and sha256 of a stored file, read in chunks."""
     digest, size = hashlib.sha256(), 0
@@ -246,15 +304,13 @@ class VideoStore:
         # Valid JSON that is not an object (a hand-edited file) is as unusable as a corrupt one.
         return provenance if isinstance(provenance, dict) else None
 
-    def is_verified(self, prompt_set: str, request_key: str, expected_sha256: str | None = None) -> bool:
-        """The video exists and its bytes hash to what the sidecar (or the caller) recorded."""
+    def is_verified(self, prompt_set: str, request_key: str, sidecar: dict[str, Any] | None = None) -> bool:
+        """The video exists and its bytes hash to what its sidecar (read unless given) recorded; a file
+        whose stamp is still the one the sidecar recorded is not hashed again (`unchanged_since_hashed`)."""
         video = self.video_path(prompt_set, request_key)
-        if not video.exists():
+        sidecar = self.read_sidecar(prompt_set, request_key) if sidecar is None else sidecar
+        video_record = (sidecar or {}).get("video")
+        expected_sha256 = video_record.get("sha256") if isinstance(video_record, dict) else None
+        if not expected_sha256 or not video.exists():
             return False
-        if expected_sha256 is None:
-            sidecar = self.read_sidecar(prompt_set, request_key) or {}
-            video_record = sidecar.get("video")
-            expected_sha256 = video_record.get("sha256") if isinstance(video_record, dict) else None
-        if not expected_sha256:
-            return False
-        return file_sha256(video)[1] == expected_sha256
+        return unchanged_since_hashed(video, sidecar) or file_sha256(video)[1] == expected_sha256

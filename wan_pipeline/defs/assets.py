@@ -387,11 +387,11 @@ def downloaded_videos(
     """Every completed video at `<output>/<set>/<request_key>.mp4` with a `.json` provenance sidecar.
 
     While some generations still run (an increment), it stores what is finished so far and says how
-    many are pending; files it already stored are not hashed again until the final collection."""
+    many are pending. A file already stored and unchanged since it was hashed (its stamp) is not read again."""
     requests = requests_from_dataframe(generation_requests)
     store = video_store.get()
     pending = pending_in(generation_results)
-    report = collect_videos(ledger.get(aimlapi), aimlapi.async_client, store, requests, partial=pending > 0)
+    report = collect_videos(ledger.get(aimlapi), aimlapi.async_client, store, requests)
     by_key = {r.request_key: r for r in requests}
     frame = pd.DataFrame(
         {

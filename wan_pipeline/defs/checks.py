@@ -20,7 +20,8 @@ from .resources import VideoStoreResource
     partitions_def=prompt_sets,
     additional_ins={"generation_requests": dg.AssetIn(), "generation_results": dg.AssetIn()},
     description="Every completed generation has a decodable video whose resolution, duration and audio "
-    "match its request and whose sha256 matches its provenance sidecar. An increment (generations still "
+    "match its request and whose sha256 matches its provenance sidecar (a file unchanged since it was hashed "
+    "and probed, by its recorded stamp, is judged on that record). An increment (generations still "
     "running) is judged on what it stored, never on what is still pending; the final collection on "
     "every completed generation.",
 )
@@ -39,11 +40,14 @@ def videos_match_requests(
         # checked by it, and the final collection checks them all again.
         new = downloaded_videos.loc[downloaded_videos["stored_how"] != "kept", "request_key"] if len(downloaded_videos) else []
         checked = completed & set(new)
-    problems = verify_videos(video_store.get(), requests_from_dataframe(generation_requests), checked)
+    report = verify_videos(video_store.get(), requests_from_dataframe(generation_requests), checked)
+    problems = report.problems
     return dg.AssetCheckResult(
         passed=not problems,
         metadata={
-            "videos_checked": len(checked),
+            "videos_checked": report.checked,
+            # The others are unchanged since they were hashed and probed (see WAN_PIPELINE_REHASH).
+            "videos_hashed_again": report.hashed,
             "collection": "partial" if pending else "final",
             "still_pending": pending,
             "problems": len(problems),
