@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ from wan_pipeline.catalog import (
     validate_paths,
 )
 from wan_pipeline.defs.sensors import STATES_TAG, collection_run_request
-from wan_pipeline.ledger import Ledger, State
+from wan_pipeline.ledger import COLLECT_EARLY_AFTER, Ledger, State
 from wan_pipeline.ledger.reports import spend, spend_by_set
 from wan_pipeline.safe_text import printable
 from wan_pipeline.scopes import scope_in_use
@@ -150,6 +150,59 @@ def _failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict]:
     return "run failed", {}
 
 
+class SensorThread:
+    """Ticks the completion sensor (`tick(cursor) -> (cursor, run requests)`) in a daemon thread until
+    stopped, sleeping until the next poll is due in between (`seconds_until_due(max_wait_s)`). The run
+    requests it yields wait for the main thread (`take_requests`); an error in a tick stops the thread
+    and is raised there."""
+
+    def __init__(
+        self,
+        tick: Callable[[str | None], tuple[str | None, list[dg.RunRequest]]],
+        seconds_until_due: Callable[[float], float],
+        max_wait_s: float,
+    ):
+        self._tick, self._seconds_until_due, self._max_wait_s = tick, seconds_until_due, max_wait_s
+        self._requests: list[dg.RunRequest] = []
+        self._lock = threading.Lock()
+        self._ticked, self._stop = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="completion-sensor", daemon=True)
+
+    def __enter__(self) -> SensorThread:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        # A tick is bounded by its time budget; a run stopped by its deadline does not wait for it.
+        self._thread.join(timeout=None if exc_info[0] is None else 1.0)
+
+    def _loop(self) -> None:
+        cursor: str | None = None
+        try:
+            while not self._stop.is_set():
+                cursor, requests = self._tick(cursor)
+                with self._lock:
+                    self._requests += requests
+                self._ticked.set()
+                self._stop.wait(self._seconds_until_due(self._max_wait_s))
+        except BaseException as exc:  # handed to the main thread, which decides
+            self._error = exc
+            self._ticked.set()
+
+    def take_requests(self) -> list[dg.RunRequest]:
+        if self._error is not None:
+            raise self._error
+        with self._lock:
+            requests, self._requests = self._requests, []
+        return requests
+
+    def wait_for_tick(self, timeout_s: float) -> None:
+        if self._ticked.wait(timeout_s):
+            self._ticked.clear()
+
+
 class PipelineRunner:
     def __init__(
         self,
@@ -259,14 +312,18 @@ class PipelineRunner:
 
         outcomes.update({name: SetOutcome(name) for name in names})
         stop_reason = None
-        for name in names:
-            if stop_reason or wall.hit:
-                outcomes[name].errors.append(f"not submitted: {stop_reason or 'the deadline passed'}")
-                outcomes[name].submission_recorded = False
-                continue
-            stop_reason = self.submit(name, options, outcomes[name])
-        if not wall.hit:
-            self.wait_and_collect(outcomes, options, started)
+        # The completion sensor ticks in a thread of its own from the first create on, as the daemon
+        # ticks it beside running runs: what finishes while a set is submitted or collected is polled
+        # then, not after, so the next increment can start as soon as this one ends.
+        with SensorThread(self.tick, self._seconds_until_due, options.tick_interval_s) as sensor:
+            for name in names:
+                if stop_reason or wall.hit:
+                    outcomes[name].errors.append(f"not submitted: {stop_reason or 'the deadline passed'}")
+                    outcomes[name].submission_recorded = False
+                    continue
+                stop_reason = self.submit(name, options, outcomes[name])
+            if not wall.hit:
+                self.wait_and_collect(outcomes, options, started, sensor)
         return None
 
     def plans(
@@ -343,16 +400,16 @@ class PipelineRunner:
             logging.disable(logging.NOTSET)
         return result.cursor, list(result.run_requests or [])
 
-    def wait_and_collect(self, outcomes: dict[str, SetOutcome], options: RunOptions, started: float) -> None:
+    def wait_and_collect(
+        self, outcomes: dict[str, SetOutcome], options: RunOptions, started: float, sensor: SensorThread
+    ) -> None:
         give_up_at = started + options.deadline_s - min(COLLECT_RESERVE_S, options.deadline_s / 4)
         # Even a set whose submission stopped partway (out of credits, say) is waited for: what was
         # bought before the stop is collected now, not left for a rerun to find.
         active = {name for name, outcome in outcomes.items() if outcome.submission_recorded}
-        cursor: str | None = None
         last_line = ""
         while active:
-            cursor, requests = self.tick(cursor)
-            for request in requests:
+            for request in sensor.take_requests():
                 if request.partition_key in active:
                     self.collect(request, outcomes[request.partition_key])
             now = datetime.now(UTC)
@@ -383,14 +440,16 @@ class PipelineRunner:
                         f"deadline of {options.deadline_s:.0f} s passed with {progress.pending} generation(s) pending"
                     )
                 break
-            self._sleep_until_due(give_up_at, options.tick_interval_s)
+            # Until the sensor's next tick has polled something (or the soonest increment is due).
+            sensor.wait_for_tick(max(0.05, min(COLLECT_EARLY_AFTER.total_seconds(), give_up_at - time.monotonic())))
 
-    def _sleep_until_due(self, give_up_at: float, max_wait_s: float) -> None:
+    def _seconds_until_due(self, max_wait_s: float) -> float:
+        """How long until the ledger's next poll is due, at most `max_wait_s` (and at least 50 ms)."""
         next_poll = self.ledger.next_poll_time()
         wait = max_wait_s
         if next_poll is not None:
             wait = min(wait, max(0.0, (next_poll - datetime.now(UTC)).total_seconds()))
-        time.sleep(max(0.05, min(wait, give_up_at - time.monotonic())))
+        return max(0.05, wait)
 
     def _progress_line(self, active: set[str]) -> str:
         parts = []
