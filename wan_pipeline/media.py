@@ -33,6 +33,7 @@ from upath import UPath
 VideoPath = str | os.PathLike[str] | UPath
 
 TAIL_SECONDS = 1.0  # how far before the end the decode check starts reading
+CONTACT_TILE_WIDTH = 320  # px: a contact-sheet tile, unless the caller asks otherwise
 TILE_MARGIN = 4  # px around a contact-sheet frame
 LABEL_HEIGHT = 18  # px of label strip under each contact-sheet frame
 MAX_TILE_ASPECT = 16 / 9  # a frame area is at most this many times taller than wide (portrait 9:16)
@@ -309,7 +310,7 @@ def _tile_frame(path: VideoPath, max_width: int) -> Image.Image | None:
 
 
 def contact_sheet(
-    items: Sequence[tuple[VideoPath, str]], *, columns: int = 4, tile_width: int = 320
+    items: Sequence[tuple[VideoPath, str]], *, columns: int = 4, tile_width: int = CONTACT_TILE_WIDTH
 ) -> bytes:
     """PNG grid with one labelled tile per (video, label); an unreadable video gets a placeholder tile.
 
