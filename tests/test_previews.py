@@ -11,12 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_media import FRAMES, grey_level, write_video
+from test_media import FRAMES, grey_level, truncated_copy, write_video
 from upath import UPath
 
 from wan_pipeline import previews
 from wan_pipeline.emulator.video import VideoRecipe, encode_mp4
-from wan_pipeline.media import extract_frame
+from wan_pipeline.experiments import (
+    HEADER_HEIGHT,
+    MARGIN,
+    MISSING,
+    SheetCell,
+    SheetPage,
+    render_comparison_page,
+)
+from wan_pipeline.media import PLACEHOLDER_FILL, TILE_MARGIN, contact_sheet, extract_frame
 from wan_pipeline.previews import PREVIEW_BOX, make_preview, preview_image, preview_images, store_preview
 from wan_pipeline.storage import VideoStore, file_sha256
 
@@ -143,3 +151,36 @@ def test_a_preview_that_cannot_be_written_still_shows(
     image = preview_image(store, sha_of(video), video)
     assert image is not None and image.getpixel((10, 10))[0] == pytest.approx(MIDDLE_GREY, abs=4)
     assert not store.preview_path(sha_of(video)).exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sheets draw from the previews
+
+
+def test_the_contact_sheet_of_stored_previews_opens_no_video(store: VideoStore, video: UPath, tmp_path: Path) -> None:
+    sha = sha_of(video)
+    store_preview(store, sha, video)
+    video.unlink()
+    broken = truncated_copy(write_video(tmp_path / "b.mp4"), tmp_path / "broken.mp4", 0.5)
+    frames = preview_images(store, [(sha, video), ("c" * 64, broken)])
+    sheet = Image.open(io.BytesIO(contact_sheet(list(zip(frames, ["kept", "broken"], strict=True)), tile_width=136)))
+    corner = (TILE_MARGIN + 2, TILE_MARGIN + 2)  # inside the frame area, away from any text
+    assert sheet.convert("RGB").getpixel(corner)[0] == pytest.approx(MIDDLE_GREY, abs=6)
+    assert sheet.convert("RGB").getpixel((136 + corner[0], corner[1])) == PLACEHOLDER_FILL
+
+
+def test_a_comparison_page_of_stored_previews_opens_no_video(store: VideoStore, video: UPath) -> None:
+    sha = sha_of(video)
+    store_preview(store, sha, video)
+    video.write_bytes(b"corrupt")
+    cells = (
+        SheetCell(0, 0, "a" * 32, "kept", str(video), sha, "completed"),
+        SheetCell(0, 1, "b" * 32, "no preview, no video", str(video), "d" * 64, "completed"),
+        SheetCell(0, 2, "c" * 32, "failed", None, None, "failed"),
+    )
+    page = SheetPage("img", None, "seed", (), (1, 2, 3), (), cells)
+    sheet = Image.open(io.BytesIO(render_comparison_page(page, store))).convert("RGB")
+    corner = [(column * 240 + MARGIN + 2, HEADER_HEIGHT + MARGIN + 2) for column in range(3)]
+    assert sheet.getpixel(corner[0])[0] == pytest.approx(MIDDLE_GREY, abs=6)
+    assert sheet.getpixel(corner[1]) == MISSING
+    assert sheet.getpixel((corner[2][0] + 60, corner[2][1] + 60)) == MISSING  # inside the red outline

@@ -298,21 +298,12 @@ def _fit_label(draw: ImageDraw.ImageDraw, text: str, font: Any, max_width: int) 
     return text + "…"
 
 
-def _tile_frame(path: VideoPath, max_width: int) -> Image.Image | None:
-    """The representative frame of one sheet entry, already shrunk to tile size (a sheet of hundreds
-    of 1080p frames must not hold them all at full size), or None when it cannot be read."""
-    try:
-        frame = extract_frame(path)
-    except (MediaDecodeError, OSError):
-        return None
-    frame.thumbnail((max_width, round(max_width * MAX_TILE_ASPECT)), Image.Resampling.LANCZOS)
-    return frame
-
-
 def contact_sheet(
-    items: Sequence[tuple[VideoPath, str]], *, columns: int = 4, tile_width: int = CONTACT_TILE_WIDTH
+    items: Sequence[tuple[Image.Image | None, str]], *, columns: int = 4, tile_width: int = CONTACT_TILE_WIDTH
 ) -> bytes:
-    """PNG grid with one labelled tile per (video, label); an unreadable video gets a placeholder tile.
+    """PNG grid with one labelled tile per (frame, label); a frame None (a video that cannot be
+    decoded) gets a placeholder tile. The frames are small already (wan_pipeline.previews): a sheet
+    of hundreds of videos must neither decode them all again nor hold them all at full size.
 
     Every tile is `tile_width` px wide. Its frame area is as tall as the tallest frame scaled to the
     tile (portrait at most 9:16); shorter frames are centred in it. The label sits in a strip below.
@@ -322,7 +313,7 @@ def contact_sheet(
     if columns < 1 or tile_width <= 2 * TILE_MARGIN:
         raise ValueError(f"columns must be >= 1 and tile_width > {2 * TILE_MARGIN} px")
     inner_width = tile_width - 2 * TILE_MARGIN
-    frames = [_tile_frame(path, inner_width) for path, _ in items]
+    frames = [frame for frame, _ in items]
     heights = [
         min(round(inner_width * f.height / f.width), round(inner_width * MAX_TILE_ASPECT))
         for f in frames
