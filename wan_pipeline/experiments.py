@@ -19,7 +19,6 @@ Nothing here calls the API except `reproduce`.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -44,7 +43,7 @@ from wan_pipeline.ledger import (
     State,
     TryAnswer,
 )
-from wan_pipeline.media import probe_video
+from wan_pipeline.media import png_bytes, probe_video
 from wan_pipeline.models import VideoRequest, request_key
 from wan_pipeline.previews import preview_images
 from wan_pipeline.quality import Closeness, QualityThresholds, closeness
@@ -342,9 +341,7 @@ def render_comparison_page(page: SheetPage, store: VideoStore, *, cell_width: in
             draw.text((x + 4, y + 4), _fit(draw, f"FAIL {reason}", font, inner - 8), fill=FAIL, font=font)
         draw.text((x, y + frame_height + LABEL_HEIGHT / 2), _fit(draw, cell.label, font, inner), fill=TEXT,
                   font=font, anchor="lm")
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
+    return png_bytes(sheet)
 
 
 def sheet_name(page: SheetPage) -> str:

@@ -276,9 +276,13 @@ def extract_frame(path: VideoPath, at_s: float | None = None) -> Image.Image:
         return shown.to_image()
 
 
-def _png(image: Image.Image) -> bytes:
+def png_bytes(image: Image.Image) -> bytes:
+    """`image` as PNG at zlib's level 6. Measured on sheets of emulator videos: a 960 x 7650 contact
+    sheet takes 1.35 s and 1362 kB with optimize=True (level 9), 0.30 s and 1396 kB at level 6,
+    0.18 s and 1660 kB at level 3; a 2120 x 1252 comparison page 275 ms / 250 kB, 78 ms / 261 kB
+    and 53 ms / 328 kB. Level 6 is 4x faster than optimize for 3 % more bytes."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
+    image.save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()
 
 
@@ -286,7 +290,7 @@ def thumbnail_png(path: VideoPath, *, width: int = 320) -> bytes:
     """PNG of the middle frame scaled to `width` px wide (aspect kept)."""
     frame = extract_frame(path)
     height = max(1, round(width * frame.height / frame.width))
-    return _png(frame.resize((width, height), Image.Resampling.LANCZOS))
+    return png_bytes(frame.resize((width, height), Image.Resampling.LANCZOS))
 
 
 def _fit_label(draw: ImageDraw.ImageDraw, text: str, font: Any, max_width: int) -> str:
@@ -350,4 +354,4 @@ def contact_sheet(
             font=font,
             anchor="lm",
         )
-    return _png(sheet)
+    return png_bytes(sheet)
