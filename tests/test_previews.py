@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from test_media import FRAMES, grey_level, truncated_copy, write_video
@@ -22,6 +23,7 @@ from wan_pipeline.experiments import (
     MISSING,
     SheetCell,
     SheetPage,
+    comparison_layout,
     render_comparison_page,
 )
 from wan_pipeline.media import PLACEHOLDER_FILL, TILE_MARGIN, contact_sheet, extract_frame
@@ -184,3 +186,20 @@ def test_a_comparison_page_of_stored_previews_opens_no_video(store: VideoStore, 
     assert sheet.getpixel(corner[0])[0] == pytest.approx(MIDDLE_GREY, abs=6)
     assert sheet.getpixel(corner[1]) == MISSING
     assert sheet.getpixel((corner[2][0] + 60, corner[2][1] + 60)) == MISSING  # inside the red outline
+
+
+def test_a_comparison_cell_whose_recorded_hash_cannot_name_a_preview_gets_the_placeholder(
+    store: VideoStore, video: UPath
+) -> None:
+    table = pd.DataFrame([
+        {"request_key": "a" * 32, "image_ref": "img", "seed": 1, "state": "completed", "video_path": str(video),
+         "video_sha256": sha_of(video)},
+        {"request_key": "b" * 32, "image_ref": "img", "seed": 2, "state": "completed", "video_path": str(video),
+         "video_sha256": "../../hand-edited"},
+    ])
+    (page,) = comparison_layout(table)
+    assert [cell.video_sha256 for cell in page.cells] == [sha_of(video), None]
+    sheet = Image.open(io.BytesIO(render_comparison_page(page, store))).convert("RGB")
+    corner = [(column * 240 + MARGIN + 2, HEADER_HEIGHT + MARGIN + 2) for column in range(2)]
+    assert sheet.getpixel(corner[0])[0] == pytest.approx(MIDDLE_GREY, abs=6)
+    assert sheet.getpixel(corner[1]) == MISSING

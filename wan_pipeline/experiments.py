@@ -49,7 +49,7 @@ from wan_pipeline.previews import preview_images
 from wan_pipeline.quality import Closeness, QualityThresholds, closeness
 from wan_pipeline.safe_text import printable
 from wan_pipeline.sources import MediaError, resolve_local_path
-from wan_pipeline.storage import VideoStore, atomic_writer, file_sha256, staged_file, write_atomically
+from wan_pipeline.storage import KEY, VideoStore, atomic_writer, file_sha256, staged_file, write_atomically
 from wan_pipeline.submission import try_recorder
 
 TABLE_NAME = "experiment"
@@ -217,6 +217,12 @@ def _shown(value: Any) -> str:
     return printable("-" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value), 120)
 
 
+def _preview_name(sha256: Any) -> str | None:
+    """The table's video hash if it can name a preview: not NaN (no hash), nor what a hand-edited
+    sidecar may hold (a sheet draws that cell's placeholder instead of failing)."""
+    return sha256 if isinstance(sha256, str) and KEY.fullmatch(sha256) else None
+
+
 def _distinct(values: Iterable[Any]) -> list[Any]:
     seen: dict[str, Any] = {}
     for value in values:
@@ -266,9 +272,8 @@ def comparison_layout(
                         failures = tuple(f for f in str(r.get("quality_failures") or "").split("; ") if f)
                         label = f"{r['request_key'][:8]} " + (f"{column_field} {_shown(column_value)}" if column_field else "")
                         path = r.get("video_path") if r.get("state") == str(State.COMPLETED) else None
-                        sha256 = r.get("video_sha256") if isinstance(r.get("video_sha256"), str) else None  # not NaN
                         cells.append(SheetCell(row_index, column_index, r["request_key"], label.strip(), path,
-                                               sha256, str(r.get("state")), failures))
+                                               _preview_name(r.get("video_sha256")), str(r.get("state")), failures))
                     image_pages.append(SheetPage(
                         image_ref=str(image_ref), row_field=row_field, column_field=column_field,
                         row_values=tuple(row_chunk) if row_field else (), column_values=tuple(column_chunk) if column_field else (),
