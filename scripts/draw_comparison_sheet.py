@@ -60,7 +60,7 @@ def main(output: Path) -> None:
             frame = experiment_table(ledger, store, prompt_set.requests)
             (page,) = comparison_layout(frame)
             output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_bytes(render_comparison_page(page))
+            output.write_bytes(render_comparison_page(page, store))
             ledger.close()
     failing = int((frame["state"] != "completed").sum() + (frame["quality_passed"] == False).sum())  # noqa: E712
     print(f"wrote {output} ({len(frame)} generations, {failing} marked failing)")

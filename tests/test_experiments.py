@@ -53,7 +53,7 @@ def grid_set(tmp_path: Path):
     return load_prompt_set(path)
 
 
-def test_a_2_x_3_x_4_grid_gives_one_sheet_per_image_prompts_by_seeds(grid_set) -> None:
+def test_a_2_x_3_x_4_grid_gives_one_sheet_per_image_prompts_by_seeds(grid_set, tmp_path: Path) -> None:
     frame = experiment_frame(grid_set.requests, [], [], {})
     pages = comparison_layout(frame)
     assert len(pages) == 2
@@ -69,7 +69,7 @@ def test_a_2_x_3_x_4_grid_gives_one_sheet_per_image_prompts_by_seeds(grid_set) -
         request = by_key[cell.request_key].request
         assert pages[0].row_values[cell.row] == request.prompt and pages[0].column_values[cell.column] == request.seed
 
-    png = render_comparison_page(pages[0])
+    png = render_comparison_page(pages[0], VideoStore(str(tmp_path / "out")))
     with Image.open(io.BytesIO(png)) as sheet:
         assert sheet.size == (200 + 4 * 240, 36 + 3 * (4 + 130 + 18))
 

@@ -289,19 +289,24 @@ def sheet_tile_height(tile_width: int, frame_width: int, frame_height: int) -> i
     return TILE_MARGIN + round((tile_width - 2 * TILE_MARGIN) * frame_height / frame_width) + LABEL_HEIGHT
 
 
+@pytest.fixture(scope="module")
+def frames(videos: dict[str, Path]) -> dict[str, Image.Image]:
+    """Each test video's middle frame: what a contact sheet is drawn from (wan_pipeline.previews)."""
+    return {name: extract_frame(path) for name, path in videos.items()}
+
+
 @pytest.mark.parametrize(("count", "columns", "grid"), [(1, 4, (1, 1)), (4, 4, (4, 1)), (5, 2, (2, 3))])
 def test_contact_sheet_has_one_tile_per_video(
-    videos: dict[str, Path], count: int, columns: int, grid: tuple[int, int]
+    frames: dict[str, Image.Image], count: int, columns: int, grid: tuple[int, int]
 ) -> None:
-    items = [(videos["small"], f"a1b2c3d4 seed {n} 720p 5s") for n in range(count)]
+    items = [(frames["small"], f"a1b2c3d4 seed {n} 720p 5s") for n in range(count)]
     sheet = Image.open(io.BytesIO(contact_sheet(items, columns=columns, tile_width=136)))
     assert sheet.format == "PNG"
     assert sheet.size == (grid[0] * 136, grid[1] * sheet_tile_height(136, 64, 36))
 
 
-def test_contact_sheet_survives_bad_and_missing_files(videos: dict[str, Path], tmp_path: Path) -> None:
-    broken = truncated_copy(videos["small"], tmp_path / "broken.mp4", 0.5)
-    items = [(videos["small"], "good"), (broken, "broken"), (tmp_path / "gone.mp4", "missing")]
+def test_contact_sheet_draws_a_placeholder_for_videos_that_cannot_be_decoded(frames: dict[str, Image.Image]) -> None:
+    items = [(frames["small"], "good"), (None, "broken"), (None, "missing")]
     sheet = Image.open(io.BytesIO(contact_sheet(items, columns=3, tile_width=136))).convert("RGB")
     assert sheet.size == (3 * 136, sheet_tile_height(136, 64, 36))
     corner = (TILE_MARGIN + 2, TILE_MARGIN + 2)  # inside the frame area, away from any text
@@ -310,17 +315,17 @@ def test_contact_sheet_survives_bad_and_missing_files(videos: dict[str, Path], t
         assert sheet.getpixel((column * 136 + corner[0], corner[1])) == PLACEHOLDER_FILL
 
 
-def test_contact_sheet_draws_the_labels(videos: dict[str, Path]) -> None:
+def test_contact_sheet_draws_the_labels(frames: dict[str, Image.Image]) -> None:
     def label_strip(label: str) -> Image.Image:
-        sheet = Image.open(io.BytesIO(contact_sheet([(videos["small"], label)], tile_width=136))).convert("L")
+        sheet = Image.open(io.BytesIO(contact_sheet([(frames["small"], label)], tile_width=136))).convert("L")
         return sheet.crop((0, sheet.height - LABEL_HEIGHT, sheet.width, sheet.height))
 
     assert label_strip("").getextrema()[0] == label_strip("").getextrema()[1]  # blank strip: one colour
     assert label_strip("a1b2c3d4 seed 7 720p 5s").getextrema()[1] > 150  # light text on the dark strip
 
 
-def test_contact_sheet_fits_portrait_and_landscape_videos(videos: dict[str, Path]) -> None:
-    items = [(videos["small"], "landscape"), (videos["portrait"], "portrait")]
+def test_contact_sheet_fits_portrait_and_landscape_videos(frames: dict[str, Image.Image]) -> None:
+    items = [(frames["small"], "landscape"), (frames["portrait"], "portrait")]
     sheet = Image.open(io.BytesIO(contact_sheet(items, tile_width=136)))
     # The frame area is as tall as the tallest (portrait) frame, capped at 9:16.
     assert sheet.size == (2 * 136, sheet_tile_height(136, 36, 64))

@@ -5,9 +5,9 @@
   `<output>/<set>/experiment.parquet` and `experiment.csv` (`pd.read_parquet(path)` reads it back).
 - `comparison_layout` / `write_comparison_sheets`: per source image, a grid whose rows and columns
   are the two request fields that vary most (prompts by seeds, say), each cell a labelled middle
-  frame, failing cells outlined in red. Further varying fields, and grids larger than a page, make
-  more pages; pages are drawn one at a time from frames already shrunk to cell size (memory is
-  bounded by one page).
+  frame (the video's preview, `wan_pipeline.previews`), failing cells outlined in red. Further
+  varying fields, and grids larger than a page, make more pages; pages are drawn one at a time
+  (memory is bounded by one page of small previews).
 - `plan_reproductions` / `reproduce`: the exact request rebuilt from a video's sidecar (its image
   checked against the recorded sha256), bought again as a new attempt of the same key (reason
   `reproduction`; the original row, video and sidecar are left as they are), stored under
@@ -19,12 +19,10 @@ Nothing here calls the API except `reproduce`.
 from __future__ import annotations
 
 import hashlib
-import io
 import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,12 +43,13 @@ from wan_pipeline.ledger import (
     State,
     TryAnswer,
 )
-from wan_pipeline.media import MediaDecodeError, extract_frame, probe_video
+from wan_pipeline.media import png_bytes, probe_video
 from wan_pipeline.models import VideoRequest, request_key
+from wan_pipeline.previews import preview_images
 from wan_pipeline.quality import Closeness, QualityThresholds, closeness
 from wan_pipeline.safe_text import printable
 from wan_pipeline.sources import MediaError, resolve_local_path
-from wan_pipeline.storage import VideoStore, atomic_writer, file_sha256, staged_file, write_atomically
+from wan_pipeline.storage import KEY, VideoStore, atomic_writer, file_sha256, staged_file, write_atomically
 from wan_pipeline.submission import try_recorder
 
 TABLE_NAME = "experiment"
@@ -73,7 +72,6 @@ GRID_FIELDS = (
 )
 MAX_ROWS, MAX_COLUMNS = 8, 8  # cells per page
 CELL_WIDTH, ROW_LABEL_WIDTH, HEADER_HEIGHT, LABEL_HEIGHT, MARGIN = 240, 200, 36, 18, 4
-DECODE_WORKERS = 4  # cell frames decoded at once while a comparison page is drawn
 BACKGROUND, TEXT, FAIL, MISSING = (24, 24, 24), (235, 235, 235), (220, 40, 40), (90, 90, 90)
 
 
@@ -186,6 +184,7 @@ class SheetCell:
     request_key: str
     label: str
     video_path: str | None  # None: no stored video (failed, pending)
+    video_sha256: str | None  # the stored video's, which names its preview
     state: str
     failures: tuple[str, ...] = ()
 
@@ -216,6 +215,12 @@ class SheetPage:
 
 def _shown(value: Any) -> str:
     return printable("-" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value), 120)
+
+
+def _preview_name(sha256: Any) -> str | None:
+    """The table's video hash if it can name a preview: not NaN (no hash), nor what a hand-edited
+    sidecar may hold (a sheet draws that cell's placeholder instead of failing)."""
+    return sha256 if isinstance(sha256, str) and KEY.fullmatch(sha256) else None
 
 
 def _distinct(values: Iterable[Any]) -> list[Any]:
@@ -268,7 +273,7 @@ def comparison_layout(
                         label = f"{r['request_key'][:8]} " + (f"{column_field} {_shown(column_value)}" if column_field else "")
                         path = r.get("video_path") if r.get("state") == str(State.COMPLETED) else None
                         cells.append(SheetCell(row_index, column_index, r["request_key"], label.strip(), path,
-                                               str(r.get("state")), failures))
+                                               _preview_name(r.get("video_sha256")), str(r.get("state")), failures))
                     image_pages.append(SheetPage(
                         image_ref=str(image_ref), row_field=row_field, column_field=column_field,
                         row_values=tuple(row_chunk) if row_field else (), column_values=tuple(column_chunk) if column_field else (),
@@ -287,18 +292,16 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
     return text + "…"
 
 
-def _cell_frame(path: str | None, width: int, height: int) -> Image.Image | None:
-    if path is None:
+def _cell_video(cell: SheetCell) -> tuple[str, str] | None:
+    """(sha256, path) of the cell's stored video; None without one (or without its recorded hash)."""
+    if cell.video_path is None or cell.video_sha256 is None:
         return None
-    try:
-        frame = extract_frame(path)
-    except (MediaDecodeError, OSError, ValueError):
-        return None
-    return ImageOps.contain(frame, (width, height), Image.Resampling.LANCZOS)
+    return cell.video_sha256, cell.video_path
 
 
-def render_comparison_page(page: SheetPage, *, cell_width: int = CELL_WIDTH) -> bytes:
-    """PNG of one page: column headers on top, row labels on the left, a middle frame per cell."""
+def render_comparison_page(page: SheetPage, store: VideoStore, *, cell_width: int = CELL_WIDTH) -> bytes:
+    """PNG of one page: column headers on top, row labels on the left, a middle frame per cell
+    (the video's preview in `store`, made there if it is missing)."""
     inner = cell_width - 2 * MARGIN
     frame_height = round(inner * 9 / 16)
     cell_height = MARGIN + frame_height + LABEL_HEIGHT
@@ -326,18 +329,16 @@ def render_comparison_page(page: SheetPage, *, cell_width: int = CELL_WIDTH) -> 
                 break
         for number, line in enumerate(lines):
             draw.text((MARGIN, top + MARGIN + number * 14), line, fill=TEXT, font=font)
-    # Decoding a cell's frame is most of a page's time, and PyAV releases the GIL while it decodes:
-    # the page's cells are decoded a few at a time (a page is bounded, so is the memory).
-    with ThreadPoolExecutor(DECODE_WORKERS) as pool:
-        pictures = list(pool.map(lambda cell: _cell_frame(cell.video_path, inner, frame_height), page.cells))
-    for cell, picture in zip(page.cells, pictures, strict=True):
+    previews = preview_images(store, [_cell_video(cell) for cell in page.cells])
+    for cell, preview in zip(page.cells, previews, strict=True):
         x = left + cell.column * cell_width + MARGIN
         y = HEADER_HEIGHT + cell.row * cell_height + MARGIN
-        if picture is None:
+        if preview is None:
             draw.rectangle((x, y, x + inner - 1, y + frame_height - 1), fill=MISSING)
             draw.text((x + inner / 2, y + frame_height / 2), cell.state if cell.state != "completed" else "no video",
                       fill=TEXT, font=font, anchor="mm")
         else:
+            picture = ImageOps.contain(preview, (inner, frame_height), Image.Resampling.LANCZOS)
             sheet.paste(picture, (x + (inner - picture.width) // 2, y + (frame_height - picture.height) // 2))
         if cell.failing:
             draw.rectangle((x - 2, y - 2, x + inner + 1, y + frame_height + 1), outline=FAIL, width=3)
@@ -345,9 +346,7 @@ def render_comparison_page(page: SheetPage, *, cell_width: int = CELL_WIDTH) -> 
             draw.text((x + 4, y + 4), _fit(draw, f"FAIL {reason}", font, inner - 8), fill=FAIL, font=font)
         draw.text((x, y + frame_height + LABEL_HEIGHT / 2), _fit(draw, cell.label, font, inner), fill=TEXT,
                   font=font, anchor="lm")
-    buffer = io.BytesIO()
-    sheet.save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue()
+    return png_bytes(sheet)
 
 
 def sheet_name(page: SheetPage) -> str:
@@ -363,7 +362,7 @@ def write_comparison_sheets(
     folder = store.set_dir(prompt_set)
     written = []
     for page in comparison_layout(frame):
-        png = render_comparison_page(page)
+        png = render_comparison_page(page, store)
         path = write_atomically(folder / sheet_name(page), png)
         if on_page is not None:
             on_page(page, png)

@@ -42,6 +42,8 @@ HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 TEMPORARY = re.compile(r"\.(?P<name>[\w.-]+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.part")
 # Where a set keeps the videos of a request bought from other APIs than the one now stored in it.
 BY_API = "by-api"
+# Where the store keeps each video's preview (wan_pipeline.previews), shared by every set.
+PREVIEWS = ".previews"
 # A temporary of another host is swept once it is this old (its writer cannot be asked).
 FOREIGN_TEMPORARY_AGE_S = 3600.0
 # Protocols whose rename is atomic (universal-pathlib gives a plain local path the protocol "").
@@ -283,6 +285,10 @@ class VideoStore:
     def sweep(self, prompt_set: str) -> list[str]:
         """Remove what killed writers left in the set's folder (only the project's own temporaries)."""
         return sweep_temporaries(self.set_dir(prompt_set))
+
+    def preview_path(self, sha256: str) -> UPath:
+        """`<root>/.previews/<sha256>.jpg`: a video's preview, named by its content, so never stale."""
+        return self.root / PREVIEWS / f"{_checked(KEY, sha256, 'video sha256')}.jpg"
 
     def sidecar_path(self, prompt_set: str, request_key: str) -> UPath:
         return self.set_dir(prompt_set) / f"{_checked(KEY, request_key, 'request key')}.json"

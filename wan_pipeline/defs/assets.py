@@ -14,6 +14,7 @@ from wan_pipeline.ledger import PENDING, Ledger, LedgerRow, State
 from wan_pipeline.ledger.reports import spend
 from wan_pipeline.media import contact_sheet
 from wan_pipeline.polling import wait_until_terminal
+from wan_pipeline.previews import preview_images
 from wan_pipeline.safe_text import printable
 from wan_pipeline.settings import SettingsError, env_number
 from wan_pipeline.storage import file_sha256, write_atomically
@@ -435,18 +436,14 @@ def downloaded_videos(
         metadata["contact_sheet"] = dg.MetadataValue.md("drawn by the final collection")
     elif report.videos:
         shown = report.videos[:CONTACT_SHEET_VIDEOS]
-        sheet = contact_sheet(
-            [
-                (
-                    v.path,
-                    f"{v.request_key[:8]} seed {by_key[v.request_key].request.seed} "
-                    f"{by_key[v.request_key].request.resolution} {by_key[v.request_key].request.duration}s "
-                    f"{short_prompt(by_key[v.request_key].request.prompt, 40)}",
-                )
-                for v in shown
-            ],
-            tile_width=240,
-        )
+        labels = [
+            f"{v.request_key[:8]} seed {by_key[v.request_key].request.seed} "
+            f"{by_key[v.request_key].request.resolution} {by_key[v.request_key].request.duration}s "
+            f"{short_prompt(by_key[v.request_key].request.prompt, 40)}"
+            for v in shown
+        ]
+        frames = preview_images(store, [(v.sha256, v.path) for v in shown])
+        sheet = contact_sheet(list(zip(frames, labels, strict=True)), tile_width=240)
         sheet_path = write_atomically(store.set_dir(context.partition_key) / "contact_sheet.png", sheet)
         caption = "" if len(shown) == len(report.videos) else f"\n\nFirst {len(shown)} of {len(report.videos)} videos."
         metadata["contact_sheet"] = dg.MetadataValue.md(
