@@ -203,6 +203,7 @@ def test_a_set_runs_end_to_end_on_s3_and_a_second_set_reuses_its_videos_inside_t
         assert len(keys) == 2
         stored = objects(s3_root)
         sheets = [name for name in stored if name.startswith(f"{SET}/comparison_")]
+        shas = {video.sha256 for found in project.ledger.stored_videos(keys).values() for video in found}
         assert sheets and stored == sorted(
             [f"_assets/{asset}/{SET}.parquet" for asset in (
                 "generation_requests", "submitted_generations", "generation_results", "downloaded_videos",
@@ -210,6 +211,7 @@ def test_a_set_runs_end_to_end_on_s3_and_a_second_set_reuses_its_videos_inside_t
             )]
             + [f"{SET}/{key}{suffix}" for key in keys for suffix in (".mp4", ".json")]
             + [f"{SET}/contact_sheet.png", f"{SET}/experiment.csv", f"{SET}/experiment.parquet", *sheets]
+            + [f".previews/{sha}.jpg" for sha in shas]  # drawn by the sheets (remade when missing)
         )
         assert not (tmp_path / "outputs").exists()
         # The collection run's inputs were materialized by the submission run: read back from the bucket.

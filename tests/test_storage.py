@@ -27,6 +27,7 @@ from wan_pipeline.storage import (
     file_stamp,
     hashed_stamp,
     temporary_path,
+    write_atomically,
 )
 
 KEY = "0123456789abcdef" * 2
@@ -280,6 +281,23 @@ def test_a_killed_writers_temporaries_are_swept_and_nothing_else(root: UPath, tm
     assert store.sweep("demo") == [orphan.name]
     assert not orphan.exists()
     assert live.exists() and all(path.exists() for path in user_files)
+
+
+def test_sweeping_a_set_also_removes_a_killed_writers_preview_temporary(root: UPath) -> None:
+    import subprocess
+    import sys
+
+    store = VideoStore(root)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    preview = store.preview_path("ab" * 32)
+    preview.parent.mkdir(parents=True, exist_ok=True)
+    orphan = preview.with_name(f".{preview.name}.{HOST_TAG}-{dead.pid}-0123abcd.part")
+    orphan.write_bytes(b"half a jpeg")
+    kept = write_atomically(preview, b"a whole jpeg")
+
+    assert store.sweep("demo") == [orphan.name]
+    assert not orphan.exists() and kept.read_bytes() == b"a whole jpeg"
 
 
 def test_a_verified_copy_lands_under_its_final_name_only_when_its_hash_matches(root: UPath) -> None:

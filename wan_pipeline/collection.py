@@ -28,6 +28,7 @@ from wan_pipeline.api import ApiError, AsyncAimlApiClient, DownloadExpired
 from wan_pipeline.catalog import CatalogRequest
 from wan_pipeline.ledger import IllegalTransition, Ledger, LedgerRow, State, StoredVideo, VideoSource
 from wan_pipeline.media import MediaDecodeError, VideoProbe, matches_request, probe_video
+from wan_pipeline.previews import store_preview
 from wan_pipeline.quality import QualityThresholds, assess_video
 from wan_pipeline.safe_text import printable
 from wan_pipeline.scopes import LEGACY_SCOPE, api_origin
@@ -207,11 +208,13 @@ def _keep_other_apis_video(ledger: Ledger, store: VideoStore, prompt_set: str, k
         )
 
 
-def _size_of(path: Any) -> int | None:
+def _store_preview(store: VideoStore, sha256: str, path: Any) -> None:
+    """The sheets' picture of this video, made while it is on local disk and its frames are fresh in
+    the page cache. Best effort: a sheet makes a missing preview itself."""
     try:
-        return path.stat().st_size
-    except OSError:
-        return None
+        store_preview(store, sha256, path)
+    except (MediaDecodeError, OSError) as exc:
+        log.warning("no preview of %s: %s", sha256[:12], printable(str(exc), 300))
 
 
 def _sidecar_matches(sidecar: dict[str, Any] | None, scope: str) -> bool:
@@ -305,6 +308,7 @@ async def _collect_one(
             )
             probe = await asyncio.to_thread(_probe_dict, staged.path)
             quality = await asyncio.to_thread(measure_quality, request, staged.path, thresholds)
+            await asyncio.to_thread(_store_preview, store, sha, staged.path)
             final = await asyncio.to_thread(staged.publish)
             stamp = await asyncio.to_thread(hashed_stamp, final, sha)
     except (ApiError, MediaDecodeError, OSError) as exc:

@@ -283,8 +283,9 @@ class VideoStore:
         return folder / video.name
 
     def sweep(self, prompt_set: str) -> list[str]:
-        """Remove what killed writers left in the set's folder (only the project's own temporaries)."""
-        return sweep_temporaries(self.set_dir(prompt_set))
+        """Remove what killed writers left in the set's folder and among the previews (only the
+        project's own temporaries)."""
+        return sweep_temporaries(self.set_dir(prompt_set)) + sweep_temporaries(self.root / PREVIEWS)
 
     def preview_path(self, sha256: str) -> UPath:
         """`<root>/.previews/<sha256>.jpg`: a video's preview, named by its content, so never stale."""
