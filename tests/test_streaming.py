@@ -160,6 +160,8 @@ def test_a_partial_collection_is_judged_on_what_it_stored(project: Project) -> N
     (video,) = (project.root / "outputs" / SET).glob("*.mp4")
     sidecar = video.with_suffix(".json")
     record = json.loads(sidecar.read_text())
+    # An increment draws no sheet: its preview was made by the collection, as it stored the video.
+    assert (project.root / "outputs" / ".previews" / f"{record['video']['sha256']}.jpg").exists()
     sidecar.write_text(json.dumps({**record, "video": {**record["video"], "sha256": "0" * 64}}))
     # The next increment re-downloads the file that no longer verifies and checks it again.
     again = project.defs.resolve_job_def("collect_prompt_set").execute_in_process(

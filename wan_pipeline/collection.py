@@ -212,7 +212,8 @@ def _store_preview(store: VideoStore, sha256: str, path: Any) -> None:
     """The sheets' picture of this video, made while it is on local disk and its frames are fresh in
     the page cache. Best effort: a sheet makes a missing preview itself."""
     try:
-        store_preview(store, sha256, path)
+        if not store.preview_path(sha256).exists():  # the same bytes stored before (another seed, say)
+            store_preview(store, sha256, path)
     except (MediaDecodeError, OSError) as exc:
         log.warning("no preview of %s: %s", sha256[:12], printable(str(exc), 300))
 
