@@ -26,7 +26,6 @@ from wan_pipeline.media import (
     matches_request,
     probe_video,
     short_side_px,
-    thumbnail_png,
 )
 
 FPS = 4
@@ -279,10 +278,14 @@ def test_extract_frame_outside_the_video_is_refused(videos: dict[str, Path]) -> 
         extract_frame(videos["small"], SECONDS + 1)
 
 
-def test_thumbnail_is_a_png_of_the_requested_width(videos: dict[str, Path]) -> None:
-    thumbnail = Image.open(io.BytesIO(thumbnail_png(videos["720p_audio"], width=160)))
-    assert thumbnail.format == "PNG"
-    assert thumbnail.size == (160, 90)
+def test_a_frame_extracted_to_fit_a_box_keeps_its_aspect_and_is_never_enlarged(videos: dict[str, Path]) -> None:
+    whole = extract_frame(videos["720p_audio"])
+    small = extract_frame(videos["720p_audio"], fit=(160, 160))
+    assert whole.size == (1280, 720) and small.size == (160, 90)
+    # The same picture: the whole frame shrunk the same way differs only by rounding.
+    reference = np.asarray(whole.resize(small.size, Image.Resampling.BOX), dtype=np.float32)
+    assert np.abs(np.asarray(small, dtype=np.float32) - reference).mean() < 3
+    assert extract_frame(videos["720p_audio"], fit=(4000, 4000)).size == (1280, 720)
 
 
 def sheet_tile_height(tile_width: int, frame_width: int, frame_height: int) -> int:

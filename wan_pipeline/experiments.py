@@ -43,7 +43,7 @@ from wan_pipeline.ledger import (
     State,
     TryAnswer,
 )
-from wan_pipeline.media import png_bytes, probe_video
+from wan_pipeline.media import SHEET_RESAMPLE, png_bytes, probe_video
 from wan_pipeline.models import VideoRequest, request_key
 from wan_pipeline.previews import preview_images
 from wan_pipeline.quality import Closeness, QualityThresholds, closeness
@@ -338,7 +338,7 @@ def render_comparison_page(page: SheetPage, store: VideoStore, *, cell_width: in
             draw.text((x + inner / 2, y + frame_height / 2), cell.state if cell.state != "completed" else "no video",
                       fill=TEXT, font=font, anchor="mm")
         else:
-            picture = ImageOps.contain(preview, (inner, frame_height), Image.Resampling.LANCZOS)
+            picture = ImageOps.contain(preview, (inner, frame_height), SHEET_RESAMPLE)
             sheet.paste(picture, (x + (inner - picture.width) // 2, y + (frame_height - picture.height) // 2))
         if cell.failing:
             draw.rectangle((x - 2, y - 2, x + inner + 1, y + frame_height + 1), outline=FAIL, width=3)

@@ -42,6 +42,9 @@ PLACEHOLDER_FILL = (90, 90, 90)
 LABEL_COLOUR = (235, 235, 235)
 LUMA_LONG_SIDE = 96  # px: the small grey keyframes the probe keeps for the quality checks
 SHRINK_INTERPOLATION = "AREA"  # swscale's box average: no aliasing when 1920 px become 96 (or 312)
+# Sheets shrink previews (at most 312 px wide) by a quarter or so: bilinear is as sharp there, and
+# five times faster than Lanczos (7.4 s of a 5,000-cell set's sheets, profiled).
+SHEET_RESAMPLE = Image.Resampling.BILINEAR
 KEYFRAME_MEMO_FILES = 32  # files whose probed keyframes are remembered (a few small arrays each)
 
 
@@ -296,13 +299,6 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def thumbnail_png(path: VideoPath, *, width: int = 320) -> bytes:
-    """PNG of the middle frame scaled to `width` px wide (aspect kept)."""
-    frame = extract_frame(path)
-    height = max(1, round(width * frame.height / frame.width))
-    return png_bytes(frame.resize((width, height), Image.Resampling.LANCZOS))
-
-
 def _fit_label(draw: ImageDraw.ImageDraw, text: str, font: Any, max_width: int) -> str:
     """`text`, cut with an ellipsis so it fits in `max_width` px."""
     if draw.textlength(text, font=font) <= max_width:
@@ -353,7 +349,7 @@ def contact_sheet(
                 anchor="mm",
             )
         else:
-            fitted = ImageOps.contain(frame, (inner_width, frame_height), Image.Resampling.LANCZOS)
+            fitted = ImageOps.contain(frame, (inner_width, frame_height), SHEET_RESAMPLE)
             sheet.paste(
                 fitted, (left + (inner_width - fitted.width) // 2, top + (frame_height - fitted.height) // 2)
             )
