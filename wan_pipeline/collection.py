@@ -265,11 +265,13 @@ async def _collect_one(
     copies: list[StoredVideo],
     report: CollectReport,
     thresholds: QualityThresholds,
+    *,
+    found_stale: bool = False,  # the file in the set's folder was just checked and must be replaced
 ) -> None:
     key, prompt_set = request.request_key, request.prompt_set
     video_path = store.video_path(prompt_set, key)
     sidecar = await asyncio.to_thread(store.read_sidecar, prompt_set, key)
-    if _sidecar_matches(sidecar, ledger.scope):
+    if _sidecar_matches(sidecar, ledger.scope) and not found_stale:
         recorded = next((c for c in copies if c.prompt_set == prompt_set and c.path == str(video_path)), None)
         kept = await asyncio.to_thread(_keep_stored, ledger, store, request, sidecar, recorded, thresholds)
         if kept is not None:
@@ -353,7 +355,25 @@ def collect_videos(
     def recorded_here(request: CatalogRequest) -> bool:
         return any(c.prompt_set == request.prompt_set for c in copies.get(request.request_key, []))
 
-    todo.sort(key=lambda pair: recorded_here(pair[0]))  # stable: what is new first, in request order
+    new = [pair for pair in todo if not recorded_here(pair[0])]
+    recorded = [pair for pair in todo if recorded_here(pair[0])]
+
+    def keep_recorded() -> list[tuple[CatalogRequest, LedgerRow]]:
+        """Keep each file this set's ledger records, unread while it has its stamp: one thread for all
+        of them (a few stat calls and a sidecar each), beside the downloads. Returns those to replace."""
+        replace = []
+        for request, row in recorded:
+            key = request.request_key
+            sidecar = store.read_sidecar(request.prompt_set, key)
+            path = str(store.video_path(request.prompt_set, key))
+            mine = next((c for c in copies[key] if c.prompt_set == request.prompt_set and c.path == path), None)
+            kept = _keep_stored(ledger, store, request, sidecar, mine, thresholds) if _sidecar_matches(
+                sidecar, ledger.scope) else None
+            if kept is None:
+                replace.append((request, row))
+            else:
+                report.videos.append(kept)
+        return replace
 
     async def run() -> None:
         async with client_factory() as client:
@@ -361,16 +381,22 @@ def collect_videos(
             # only time out waiting for a connection.
             slots = asyncio.Semaphore(client.config.max_concurrency)
 
-            async def collect_one(request: CatalogRequest, row: LedgerRow) -> None:
+            async def collect_one(request: CatalogRequest, row: LedgerRow, found_stale: bool = False) -> None:
                 async with slots:
                     await _collect_one(
                         ledger, client, store, request, row, copies.get(request.request_key, []), report, thresholds,
+                        found_stale=found_stale,
                     )
 
-            await asyncio.gather(*(collect_one(r, row) for r, row in todo))
+            downloads = asyncio.gather(*(collect_one(r, row) for r, row in new))
+            replace = await asyncio.to_thread(keep_recorded)
+            await downloads
+            await asyncio.gather(*(collect_one(r, row, found_stale=True) for r, row in replace))
 
     if todo:
         asyncio.run(run())
+    order = {r.request_key: i for i, r in enumerate(requests)}
+    report.videos.sort(key=lambda video: order[video.request_key])  # catalog order, however they finished
     return report
 
 
