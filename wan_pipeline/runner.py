@@ -151,21 +151,18 @@ def _failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict]:
 
 
 class SensorThread:
-    """Ticks the completion sensor (`tick(cursor) -> (cursor, run requests)`) in a daemon thread until
-    stopped, sleeping until the next poll is due in between (`seconds_until_due(max_wait_s)`). The run
-    requests it yields wait for the main thread (`take_requests`); an error in a tick stops the thread
-    and is raised there."""
+    """Ticks the completion sensor (`tick(cursor) -> cursor`) in a daemon thread until stopped,
+    sleeping until the next poll is due in between (`seconds_until_due(max_wait_s)`). An error in a
+    tick stops the thread and is raised in the main thread by `check`."""
 
     def __init__(
         self,
-        tick: Callable[[str | None], tuple[str | None, list[dg.RunRequest]]],
+        tick: Callable[[str | None], str | None],
         seconds_until_due: Callable[[float], float],
         max_wait_s: float,
     ):
         self._tick, self._seconds_until_due, self._max_wait_s = tick, seconds_until_due, max_wait_s
-        self._requests: list[dg.RunRequest] = []
-        self._lock = threading.Lock()
-        self._ticked, self._stop = threading.Event(), threading.Event()
+        self._ticked, self._stop, self._wake = threading.Event(), threading.Event(), threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="completion-sensor", daemon=True)
 
@@ -175,6 +172,7 @@ class SensorThread:
 
     def __exit__(self, *exc_info: object) -> None:
         self._stop.set()
+        self._wake.set()
         # A tick is bounded by its time budget; a run stopped by its deadline does not wait for it.
         self._thread.join(timeout=None if exc_info[0] is None else 1.0)
 
@@ -182,21 +180,23 @@ class SensorThread:
         cursor: str | None = None
         try:
             while not self._stop.is_set():
-                cursor, requests = self._tick(cursor)
-                with self._lock:
-                    self._requests += requests
+                cursor = self._tick(cursor)
                 self._ticked.set()
-                self._stop.wait(self._seconds_until_due(self._max_wait_s))
+                self._wake.wait(self._seconds_until_due(self._max_wait_s))
+                self._wake.clear()
         except BaseException as exc:  # handed to the main thread, which decides
             self._error = exc
             self._ticked.set()
 
-    def take_requests(self) -> list[dg.RunRequest]:
+    def wake(self) -> None:
+        """Tick now rather than when the last tick thought the next poll was due (new generations
+        were just submitted: their poll times were not in the ledger then)."""
+        self._wake.set()
+
+    def check(self) -> None:
+        """Raise the error that stopped the thread, if one did."""
         if self._error is not None:
             raise self._error
-        with self._lock:
-            requests, self._requests = self._requests, []
-        return requests
 
     def wait_for_tick(self, timeout_s: float) -> None:
         if self._ticked.wait(timeout_s):
@@ -322,6 +322,7 @@ class PipelineRunner:
                     outcomes[name].submission_recorded = False
                     continue
                 stop_reason = self.submit(name, options, outcomes[name])
+                sensor.wake()
             if not wall.hit:
                 self.wait_and_collect(outcomes, options, started, sensor)
         return None
@@ -384,7 +385,10 @@ class PipelineRunner:
             )
         return stop_reason
 
-    def tick(self, cursor: str | None) -> tuple[str | None, list[dg.RunRequest]]:
+    def tick(self, cursor: str | None) -> str | None:
+        """One tick of the completion sensor (its polls, its observations); returns its cursor. Its run
+        requests are not used: `run` decides each collection itself by the same rule (`collection_due`)
+        when the last one has ended, so requests piled up during a long run are never replayed."""
         # The sensor's own INFO lines are for the Dagster UI; here the progress line says it all.
         logging.disable(logging.INFO)
         try:
@@ -398,7 +402,7 @@ class PipelineRunner:
                 result = self.completion_sensor(context)
         finally:
             logging.disable(logging.NOTSET)
-        return result.cursor, list(result.run_requests or [])
+        return result.cursor
 
     def wait_and_collect(
         self, outcomes: dict[str, SetOutcome], options: RunOptions, started: float, sensor: SensorThread
@@ -409,9 +413,7 @@ class PipelineRunner:
         active = {name for name, outcome in outcomes.items() if outcome.submission_recorded}
         last_line = ""
         while active:
-            for request in sensor.take_requests():
-                if request.partition_key in active:
-                    self.collect(request, outcomes[request.partition_key])
+            sensor.check()
             now = datetime.now(UTC)
             for name in list(active):
                 progress = self.ledger.progress(name)
