@@ -22,7 +22,9 @@ import hashlib
 import itertools
 import json
 import math
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from upath import UPath
 
 from wan_pipeline.catalog import CatalogRequest, allowed_roots_for
 from wan_pipeline.ledger import (
@@ -71,6 +74,9 @@ GRID_FIELDS = (
     "enhance_prompt", "seed",
 )
 MAX_ROWS, MAX_COLUMNS = 8, 8  # cells per page
+# Pages drawn at once: Pillow releases the GIL while it decodes previews, shrinks them and encodes
+# the PNG, most of a page's time (5,000 cells on 2 cores: 16.4 s one at a time, 11.1 s two, 13.2 s three).
+SHEET_WORKERS = 2
 CELL_WIDTH, ROW_LABEL_WIDTH, HEADER_HEIGHT, LABEL_HEIGHT, MARGIN = 240, 200, 36, 18, 4
 BACKGROUND, TEXT, FAIL, MISSING = (24, 24, 24), (235, 235, 235), (220, 40, 40), (90, 90, 90)
 
@@ -358,15 +364,30 @@ def sheet_name(page: SheetPage) -> str:
 def write_comparison_sheets(
     store: VideoStore, prompt_set: str, frame: pd.DataFrame, *, on_page: Callable[[SheetPage, bytes], None] | None = None
 ) -> list[str]:
-    """Draw and write every page (one in memory at a time); `on_page` sees each PNG (the UI's first)."""
+    """Draw and write every page, `SHEET_WORKERS` at a time (a few in memory at once); `on_page` sees
+    each PNG in page order (the UI shows the first)."""
     folder = store.set_dir(prompt_set)
-    written = []
-    for page in comparison_layout(frame):
+
+    def draw(page: SheetPage) -> tuple[UPath, bytes]:
         png = render_comparison_page(page, store)
-        path = write_atomically(folder / sheet_name(page), png)
+        return write_atomically(folder / sheet_name(page), png), png
+
+    written: list[str] = []
+
+    def finish(page: SheetPage, drawn: Future[tuple[UPath, bytes]]) -> None:
+        path, png = drawn.result()
         if on_page is not None:
             on_page(page, png)
         written.append(str(path))
+
+    with ThreadPoolExecutor(SHEET_WORKERS) as pool:
+        in_flight: deque[tuple[SheetPage, Future[tuple[UPath, bytes]]]] = deque()
+        for page in comparison_layout(frame):
+            in_flight.append((page, pool.submit(draw, page)))
+            if len(in_flight) > SHEET_WORKERS:
+                finish(*in_flight.popleft())
+        while in_flight:
+            finish(*in_flight.popleft())
     return written
 
 
