@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from datetime import UTC, datetime, timedelta
@@ -11,6 +12,7 @@ import pytest
 from conftest import EMULATOR_API_KEY
 from pipeline_support import Project, make_project
 
+from wan_pipeline import collection as collection_module
 from wan_pipeline.defs.sensors import COLLECTION_TAG, STATES_TAG, collection_in_flight
 from wan_pipeline.emulator import EmulatorConfig, running_emulator
 from wan_pipeline.ledger import State, generations
@@ -144,6 +146,39 @@ def test_sensor_collects_a_set_in_increments_and_never_downloads_a_video_twice(p
     assert _downloads(project) - downloads_before == 3  # each video downloaded exactly once
     assert project.ledger.progress(SET).done
     assert not project.tick("generation_completion_sensor", cursor).run_requests
+
+
+def test_a_generation_completing_during_an_increment_is_stored_by_it(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project.write_set(f"{SET}.yaml", THREE_SEEDS)
+    assert project.submit(SET).success
+    _, second, third = (r.request_key for r in project.ledger.rows(SET))
+    real = {r.request_key: r.generation_id for r in project.ledger.rows(SET)}
+    _set_generation_id(project, second, "held-back-1")
+    _set_generation_id(project, third, "held-back-2")
+    result, _ = _tick_until(project, None, lambda r: bool(r.run_requests))
+    (increment,) = result.run_requests
+
+    download = collection_module._download_fresh
+    polled_meanwhile: list[int] = []
+
+    def second_finishes() -> None:  # what the sensor does meanwhile (a daemon's, or `run`'s thread)
+        _set_generation_id(project, second, real[second])
+        _tick_until(project, None, lambda r: project.ledger.progress(SET).counts[State.COMPLETED] == 2)
+
+    async def download_while_the_sensor_polls(*args, **kwargs):
+        if not polled_meanwhile:
+            polled_meanwhile.append(1)
+            await asyncio.to_thread(second_finishes)
+        return await download(*args, **kwargs)
+
+    monkeypatch.setattr(collection_module, "_download_fresh", download_while_the_sensor_polls)
+    videos = _metadata(_run(project, increment), "downloaded_videos")
+    # Pending at the start of the run: still_pending says 2; the run stored the one that finished meanwhile.
+    assert (videos["collection"], videos["still_pending"], videos["downloaded"]) == ("partial", 2, 2)
+    progress = project.ledger.progress(SET)
+    assert (progress.collected, progress.pending) == (2, 1)
 
 
 def test_a_partial_collection_is_judged_on_what_it_stored(project: Project) -> None:

@@ -335,6 +335,7 @@ def collect_videos(
     requests: Sequence[CatalogRequest],
     *,
     thresholds: QualityThresholds | None = None,
+    follow: bool = False,
 ) -> CollectReport:
     """Store every completed generation of `requests` in their set's folder: keep a verified file,
     copy one another set already stored (no call to the provider), or download it. Each stored
@@ -343,7 +344,9 @@ def collect_videos(
 
     Videos the ledger does not record as stored in their set go first. A stored file whose stamp says
     it is unchanged since it was hashed is kept without reading it (`WAN_PIPELINE_REHASH=always`:
-    every file is hashed again)."""
+    every file is hashed again). `follow` (an increment, others still running): then also store the
+    generations that complete meanwhile (the sensor keeps polling), pass after pass, until a pass
+    finds none: a video finishing during an increment is stored by it, not by the next run."""
     thresholds = thresholds or QualityThresholds.from_env()
     rows = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in requests)}
     todo = [(r, rows[r.request_key]) for r in requests if r.request_key in rows and rows[r.request_key].state == State.COMPLETED]
@@ -375,6 +378,13 @@ def collect_videos(
                 report.videos.append(kept)
         return replace
 
+    def completed_since(handled: set[str]) -> list[tuple[CatalogRequest, LedgerRow]]:
+        """The requests whose generations completed after this collection read the ledger."""
+        waiting = [r for r in requests if r.request_key not in handled]
+        now = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in waiting)}
+        return [(r, now[r.request_key]) for r in waiting
+                if r.request_key in now and now[r.request_key].state == State.COMPLETED]
+
     async def run() -> None:
         async with client_factory() as client:
             # Bounded like the API calls: hundreds of streams queued at once in the connection pool
@@ -392,8 +402,16 @@ def collect_videos(
             replace = await asyncio.to_thread(keep_recorded)
             await downloads
             await asyncio.gather(*(collect_one(r, row, found_stale=True) for r, row in replace))
+            handled = {r.request_key for r, _ in todo}
+            while follow:
+                fresh = await asyncio.to_thread(completed_since, handled)
+                if not fresh:
+                    break
+                handled.update(r.request_key for r, _ in fresh)
+                copies.update(await asyncio.to_thread(ledger.stored_videos, (r.request_key for r, _ in fresh)))
+                await asyncio.gather(*(collect_one(r, row) for r, row in fresh))
 
-    if todo:
+    if todo or follow:
         asyncio.run(run())
     order = {r.request_key: i for i, r in enumerate(requests)}
     report.videos.sort(key=lambda video: order[video.request_key])  # catalog order, however they finished

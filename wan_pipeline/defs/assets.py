@@ -388,11 +388,12 @@ def downloaded_videos(
     """Every completed video at `<output>/<set>/<request_key>.mp4` with a `.json` provenance sidecar.
 
     While some generations still run (an increment), it stores what is finished so far and says how
-    many are pending. A file already stored and unchanged since it was hashed (its stamp) is not read again."""
+    many are pending (and goes on with those that complete meanwhile, until a pass finds none). A file
+    already stored and unchanged since it was hashed (its stamp) is not read again."""
     requests = requests_from_dataframe(generation_requests)
     store = video_store.get()
     pending = pending_in(generation_results)
-    report = collect_videos(ledger.get(aimlapi), aimlapi.async_client, store, requests)
+    report = collect_videos(ledger.get(aimlapi), aimlapi.async_client, store, requests, follow=pending > 0)
     by_key = {r.request_key: r for r in requests}
     frame = pd.DataFrame(
         {
