@@ -13,13 +13,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from wan_pipeline.api import ApiError, AsyncAimlApiClient, ClientConfig, GenerationNotFound, PollSchedule
 from wan_pipeline.ledger import PENDING_REMOTE, Ledger, LedgerRow, State
 from wan_pipeline.ledger.store import PollAnswer
+from wan_pipeline.ledger.writer import WriterLoop
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ WRITE_BATCH = 250
 WRITE_FLUSH_AFTER_S = 0.05
 
 
-class PollWriter:
+class PollWriter(WriterLoop[list[tuple[PollAnswer, Callable[[State | Exception], None]]]]):
     """Writes poll results to the ledger in batches (`Ledger.record_polls`: one transaction each), on
     one writer thread, so the event loop keeps polling while the database commits.
 
@@ -69,60 +69,35 @@ class PollWriter:
     def __init__(self, ledger: Ledger, *, batch: int = WRITE_BATCH, flush_after_s: float = WRITE_FLUSH_AFTER_S):
         self._ledger = ledger
         self._batch = batch
-        self._flush_after_s = flush_after_s
         self._queue: list[tuple[PollAnswer, Callable[[State | Exception], None]]] = []
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="wan-poll-writer")
-        self._wake = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
-        self._closing = False
-        self._task = asyncio.ensure_future(self._run())
         self.transactions = 0
+        super().__init__(flush_after_s=flush_after_s, thread_name="wan-poll-writer")
 
     def add(self, answer: PollAnswer, done: Callable[[State | Exception], None]) -> None:
-        if self._closing or self._task.done():
+        if self.stopped:
             raise RuntimeError("the poll writer has stopped")
         self._queue.append((answer, done))
         if len(self._queue) >= self._batch:
-            self._wake.set()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._flush_after_s, self._wake.set)
+            self._wake_now()
+        else:
+            self._flush_soon()
 
-    async def close(self) -> None:
-        """Write what is queued, then stop."""
-        self._closing = True
-        self._wake.set()
+    def _take(self) -> list[tuple[PollAnswer, Callable[[State | Exception], None]]] | None:
+        queued, self._queue = self._queue[: self._batch], self._queue[self._batch :]
+        if self._queue:
+            self._wake_now()  # more than a batch waiting: another transaction right after
+        return queued or None
+
+    async def _write(self, queued: list[tuple[PollAnswer, Callable[[State | Exception], None]]]) -> None:
         try:
-            await asyncio.shield(self._task)
-        finally:
-            self._executor.shutdown(wait=False)
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            queued, self._queue = self._queue[: self._batch], self._queue[self._batch :]
-            if self._queue:
-                self._wake.set()  # more than a batch waiting: another transaction right after
-            if not queued:
-                if self._closing:
-                    return
-                continue
-            answers = [answer for answer, _ in queued]
-            try:
-                outcomes: list[State | Exception] = await loop.run_in_executor(
-                    self._executor, self._ledger.record_polls, answers
-                )
-                self.transactions += 1
-            except Exception as exc:  # the database itself: every result of the batch is unwritten
-                outcomes = [exc] * len(queued)
-            for (_, done), outcome in zip(queued, outcomes, strict=True):
-                done(outcome)
-            if self._closing:
-                self._wake.set()
+            outcomes: list[State | Exception] = await self._in_writer_thread(
+                self._ledger.record_polls, [answer for answer, _ in queued]
+            )
+            self.transactions += 1
+        except Exception as exc:  # the database itself: every result of the batch is unwritten
+            outcomes = [exc] * len(queued)
+        for (_, done), outcome in zip(queued, outcomes, strict=True):
+            done(outcome)
 
 
 async def _poll_one(

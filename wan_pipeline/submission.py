@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -50,6 +49,7 @@ from wan_pipeline.ledger import (
     utcnow,
 )
 from wan_pipeline.ledger.store import AcceptedTry, TrySending
+from wan_pipeline.ledger.writer import WriterLoop
 from wan_pipeline.models import VideoRequest
 from wan_pipeline.safe_text import printable
 
@@ -284,7 +284,11 @@ def try_recorder(
 ANSWER_FLUSH_AFTER_S = 0.005
 
 
-class TryLog:
+# One transaction's worth: the accepted answers and the claims waiting, each with its waiter's future.
+TryBatch = tuple[list[tuple[AcceptedTry, asyncio.Future[None]]], list[tuple[TrySending, asyncio.Future[None]]]]
+
+
+class TryLog(WriterLoop[TryBatch]):
     """Group commit of a submission's write-ahead records, on one writer thread.
 
     - `sending` (before a try is sent) waits until its claim and try row are committed: the claims
@@ -311,46 +315,30 @@ class TryLog:
     def __init__(self, ledger: Ledger, *, window: int, flush_after_s: float = ANSWER_FLUSH_AFTER_S):
         self._ledger = ledger
         self._window = max(1, window)
-        self._flush_after_s = flush_after_s
         self._sending: list[tuple[TrySending, asyncio.Future[None]]] = []
         self._accepted: list[tuple[AcceptedTry, asyncio.Future[None]]] = []
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="wan-ledger-writer")
-        self._wake = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
-        self._closing = False
         self._failed: BaseException | None = None
-        self._task = asyncio.ensure_future(self._run())
         self.commits = 0  # transactions of batched records (for tests and benchmarks)
+        super().__init__(flush_after_s=flush_after_s, thread_name="wan-ledger-writer")
 
     async def sending(self, item: TrySending) -> None:
         """Return once the try is committed as sent; raises `ClaimLost` (do not send) or a database error."""
         future = self._enqueue(self._sending, item)
-        self._wake.set()
+        self._wake_now()
         await future
 
     def accepted(self, item: AcceptedTry) -> asyncio.Future[None]:
         """Queue an accepted answer; the future is done once it is committed (or failed to be)."""
         future = self._enqueue(self._accepted, item)
         if len(self._accepted) >= self._window:
-            self._wake.set()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._flush_after_s, self._wake.set)
+            self._wake_now()
+        else:
+            self._flush_soon()
         return future
 
     async def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Another ledger write, on the writer thread (after what is queued before it)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._executor, functools.partial(function, *args, **kwargs)
-        )
-
-    async def close(self) -> None:
-        """Commit what is queued, then stop the writer."""
-        self._closing = True
-        self._wake.set()
-        try:
-            await asyncio.shield(self._task)
-        finally:
-            self._executor.shutdown(wait=False)
+        return await self._in_writer_thread(function, *args, **kwargs)
 
     def _enqueue(self, queue: list[tuple[Any, asyncio.Future[None]]], item: Any) -> asyncio.Future[None]:
         if self._failed is not None or self._closing:
@@ -359,37 +347,25 @@ class TryLog:
         queue.append((item, future))
         return future
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-                accepted, self._accepted = self._accepted, []
-                sending, self._sending = self._sending, []
-                if not accepted and not sending:
-                    if self._closing:
-                        return
-                    continue
-                results = await loop.run_in_executor(self._executor, self._commit, accepted, sending)
-                for future, error in results:
-                    if future.done():  # its waiter was cancelled
-                        continue
-                    if error is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(error)
-                if self._closing:
-                    self._wake.set()  # what was queued meanwhile, then stop
-        except BaseException as exc:
-            self._failed = exc
-            for _item, future in (*self._accepted, *self._sending):
-                if not future.done():
-                    future.set_exception(RuntimeError(f"the ledger writer stopped: {exc!r}"))
-            raise
+    def _take(self) -> TryBatch | None:
+        accepted, self._accepted = self._accepted, []
+        sending, self._sending = self._sending, []
+        return (accepted, sending) if accepted or sending else None
+
+    async def _write(self, batch: TryBatch) -> None:
+        for future, error in await self._in_writer_thread(self._commit, *batch):
+            if future.done():  # its waiter was cancelled
+                continue
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    def _stopped_by(self, error: BaseException) -> None:
+        self._failed = error
+        for _item, future in (*self._accepted, *self._sending):
+            if not future.done():
+                future.set_exception(RuntimeError(f"the ledger writer stopped: {error!r}"))
 
     def _commit(
         self, accepted: list[tuple[AcceptedTry, asyncio.Future[None]]], sending: list[tuple[TrySending, asyncio.Future[None]]]
