@@ -228,14 +228,18 @@ def _keep_stored(
     ledger: Ledger,
     store: VideoStore,
     request: CatalogRequest,
-    sidecar: dict[str, Any],
-    recorded: StoredVideo | None,
+    sidecar: dict[str, Any] | None,
+    copies: list[StoredVideo],
     thresholds: QualityThresholds,
 ) -> CollectedVideo | None:
     """This API's video of the request, already in the set's folder, kept when it is verified: unchanged
-    since it was hashed (its stamp), else hashed again (and stamped anew). None: it must be replaced."""
+    since it was hashed (its stamp), else hashed again (and stamped anew). None: there is none (or
+    another API's), or it must be replaced."""
+    if not _sidecar_matches(sidecar, ledger.scope):
+        return None
     key, prompt_set = request.request_key, request.prompt_set
     path = store.video_path(prompt_set, key)
+    recorded = next((c for c in copies if c.prompt_set == prompt_set and c.path == str(path)), None)
     updates: dict[str, Any] = {}
     if not unchanged_since_hashed(path, sidecar):
         if not store.is_verified(prompt_set, key, sidecar):
@@ -271,9 +275,8 @@ async def _collect_one(
     key, prompt_set = request.request_key, request.prompt_set
     video_path = store.video_path(prompt_set, key)
     sidecar = await asyncio.to_thread(store.read_sidecar, prompt_set, key)
-    if _sidecar_matches(sidecar, ledger.scope) and not found_stale:
-        recorded = next((c for c in copies if c.prompt_set == prompt_set and c.path == str(video_path)), None)
-        kept = await asyncio.to_thread(_keep_stored, ledger, store, request, sidecar, recorded, thresholds)
+    if not found_stale:
+        kept = await asyncio.to_thread(_keep_stored, ledger, store, request, sidecar, copies, thresholds)
         if kept is not None:
             report.videos.append(kept)
             return
@@ -348,8 +351,14 @@ def collect_videos(
     generations that complete meanwhile (the sensor keeps polling), pass after pass, until a pass
     finds none: a video finishing during an increment is stored by it, not by the next run."""
     thresholds = thresholds or QualityThresholds.from_env()
-    rows = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in requests)}
-    todo = [(r, rows[r.request_key]) for r in requests if r.request_key in rows and rows[r.request_key].state == State.COMPLETED]
+
+    def completed(among: Sequence[CatalogRequest]) -> list[tuple[CatalogRequest, LedgerRow]]:
+        """Those of `among` whose generation the ledger records as completed now, with their rows."""
+        rows = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in among)}
+        return [(r, rows[r.request_key]) for r in among
+                if r.request_key in rows and rows[r.request_key].state == State.COMPLETED]
+
+    todo = completed(requests)
     report = CollectReport()
     for prompt_set in sorted({r.prompt_set for r in requests}):
         report.swept += store.sweep(prompt_set)
@@ -366,24 +375,13 @@ def collect_videos(
         of them (a few stat calls and a sidecar each), beside the downloads. Returns those to replace."""
         replace = []
         for request, row in recorded:
-            key = request.request_key
-            sidecar = store.read_sidecar(request.prompt_set, key)
-            path = str(store.video_path(request.prompt_set, key))
-            mine = next((c for c in copies[key] if c.prompt_set == request.prompt_set and c.path == path), None)
-            kept = _keep_stored(ledger, store, request, sidecar, mine, thresholds) if _sidecar_matches(
-                sidecar, ledger.scope) else None
+            sidecar = store.read_sidecar(request.prompt_set, request.request_key)
+            kept = _keep_stored(ledger, store, request, sidecar, copies[request.request_key], thresholds)
             if kept is None:
                 replace.append((request, row))
             else:
                 report.videos.append(kept)
         return replace
-
-    def completed_since(handled: set[str]) -> list[tuple[CatalogRequest, LedgerRow]]:
-        """The requests whose generations completed after this collection read the ledger."""
-        waiting = [r for r in requests if r.request_key not in handled]
-        now = {row.request_key: row for row in ledger.rows_for_keys(r.request_key for r in waiting)}
-        return [(r, now[r.request_key]) for r in waiting
-                if r.request_key in now and now[r.request_key].state == State.COMPLETED]
 
     async def run() -> None:
         async with client_factory() as client:
@@ -404,7 +402,7 @@ def collect_videos(
             await asyncio.gather(*(collect_one(r, row, found_stale=True) for r, row in replace))
             handled = {r.request_key for r, _ in todo}
             while follow:
-                fresh = await asyncio.to_thread(completed_since, handled)
+                fresh = await asyncio.to_thread(completed, [r for r in requests if r.request_key not in handled])
                 if not fresh:
                     break
                 handled.update(r.request_key for r, _ in fresh)
