@@ -234,6 +234,11 @@ def test_without_a_stamp_the_filesystem_offers_every_check_hashes(root: UPath) -
     if root.protocol == "memory":  # no ETag, no inode: nothing to vouch for the bytes
         assert file_stamp(path) is None
     assert not storage.unchanged_since_hashed(path, {"video": {}, FILE_STAMP: None})
+    # Whatever stamp the filesystem gave is recorded; bytes changed later (same size) are still found.
+    sha = hashlib.sha256(VIDEO).hexdigest()
+    sidecar = {"video": {"sha256": sha}, FILE_STAMP: hashed_stamp(path, sha)}
+    path.write_bytes(VIDEO[:-1] + b"!")
+    assert not store.is_verified("demo", KEY, sidecar)
 
 
 @pytest.mark.parametrize(
