@@ -171,14 +171,65 @@ def test_a_cancelled_async_download_leaves_no_thread_and_no_staged_file(tmp_path
     assert list(destination.parent.iterdir()) == []
 
 
-def test_the_async_transport_reads_large_slices() -> None:
+def test_both_transports_read_large_slices() -> None:
     # Set on import of the clients (figure 4): fails if httpcore renames or drops the knob.
     import httpcore
 
     import wan_pipeline.api.clients as clients
 
-    assert "READ_NUM_BYTES" in vars(httpcore.AsyncHTTP11Connection)
-    assert httpcore.AsyncHTTP11Connection.READ_NUM_BYTES >= clients.ASYNC_READ_BYTES == 256 * 1024
+    for connection in (httpcore.AsyncHTTP11Connection, httpcore.HTTP11Connection):
+        assert "READ_NUM_BYTES" in vars(connection)
+        assert connection.READ_NUM_BYTES >= clients.READ_BYTES == 256 * 1024
+
+
+def test_an_inline_sink_writes_in_the_callers_thread_and_starts_no_worker(tmp_path: Path) -> None:
+    # The sync client's sink: every chunk hashed and written by the thread that received it.
+    rng = random.Random(7)
+    data = rng.randbytes(2 * 1024 * 1024 + 5)
+    writers: set[int] = set()
+
+    class RecordingHandle(io.BytesIO):
+        def write(self, buffer: Any) -> int:
+            writers.add(threading.get_ident())
+            return super().write(buffer)
+
+    handle = RecordingHandle()
+    with DownloadSink(handle, len(data), buffer_bytes=1000, inline=True) as sink:
+        for chunk in chunks_of(data, rng):
+            sink.write(chunk)
+            assert sink_threads() == []
+        size, sha256 = sink.finish()
+    assert handle.getvalue() == data and size == len(data)
+    assert sha256 == hashlib.sha256(data).hexdigest()
+    assert writers == {threading.get_ident()}
+    with pytest.raises(DownloadTooLarge, match="while streaming"), DownloadSink(io.BytesIO(), 10, inline=True) as sink:
+        sink.write(b"x" * 8)
+        sink.write(b"x" * 8)
+
+
+def test_the_sync_client_hashes_inline(tmp_path: Path, monkeypatch: Any) -> None:
+    # 1 MiB in 64 KiB chunks: a sink with a worker would have started it by the fourth chunk.
+    import wan_pipeline.api.clients as clients
+
+    data = random.Random(3).randbytes(1024 * 1024 + 3)
+    workers_seen: list[int] = []
+
+    class WatchedSink(DownloadSink):
+        def write(self, chunk: bytes) -> None:
+            super().write(chunk)
+            workers_seen.append(live_workers())
+
+    monkeypatch.setattr(clients, "DownloadSink", WatchedSink)
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=iter([data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]))
+
+    destination = tmp_path / "video.mp4"
+    with httpx.Client(transport=httpx.MockTransport(cdn)) as http:
+        size, sha256 = AimlApiClient(ClientConfig(max_attempts=1), http_client=http).download(URL, destination)
+    assert (size, sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert destination.read_bytes() == data
+    assert len(workers_seen) == 17 and set(workers_seen) == {0}
 
 
 class BlockingHandle(io.RawIOBase):
