@@ -87,6 +87,24 @@ def test_large_grids_are_paged_and_further_varying_fields_make_more_pages(grid_s
     assert "resolution 1080p" in pages[1].title
 
 
+def test_every_paged_cell_sits_under_its_own_row_and_column_values(grid_set) -> None:
+    frame = experiment_frame(grid_set.requests, [], [], {})
+    # One seed left unset (NaN in the table) and one prompt repeated with another image: still one
+    # cell each, in the column of their own value.
+    frame.loc[0, "seed"] = float("nan")
+    by_key = {row.request_key: row for row in frame.itertuples()}
+    for max_rows, max_columns in ((1, 1), (2, 3), (3, 2), (8, 8)):
+        pages = comparison_layout(frame, max_rows=max_rows, max_columns=max_columns)
+        placed = [(page, cell) for page in pages for cell in page.cells]
+        assert sorted(cell.request_key for _, cell in placed) == sorted(frame["request_key"])
+        for page, cell in placed:
+            row = by_key[cell.request_key]
+            assert page.image_ref == row.image_ref
+            assert cell.row < max_rows and cell.column < max_columns
+            assert page.row_values[cell.row] == row.prompt
+            assert repr(page.column_values[cell.column]) == repr(row.seed)
+
+
 def test_the_experiment_table_has_every_request_field_and_reads_back_in_one_line(grid_set, tmp_path: Path) -> None:
     frame = experiment_frame(grid_set.requests, [], [], {})
     assert tuple(frame.columns) == EXPERIMENT_COLUMNS

@@ -244,46 +244,53 @@ def comparison_layout(
     frame: pd.DataFrame, *, max_rows: int = MAX_ROWS, max_columns: int = MAX_COLUMNS
 ) -> list[SheetPage]:
     """Pages of comparison sheets for an experiment table: per image, rows and columns are the two
-    grid fields with the most distinct values (ties: `GRID_FIELDS` order; the earlier is the row)."""
+    grid fields with the most distinct values (ties: `GRID_FIELDS` order; the earlier is the row).
+
+    Linear in the rows: each row is placed by looking its values up (values compare by `repr`, so
+    NaN, None and 1 vs 1.0 stay distinct and equal to themselves), never by scanning every page."""
     pages: list[SheetPage] = []
     records = frame.to_dict("records")
-    for image_ref in _distinct(r["image_ref"] for r in records):
-        group = [r for r in records if r["image_ref"] == image_ref]
+    by_image: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        by_image.setdefault(repr(record["image_ref"]), []).append(record)
+    for group in by_image.values():
+        image_ref = group[0]["image_ref"]
         values = {name: _distinct(r.get(name) for r in group) for name in GRID_FIELDS}
         varying = sorted((n for n in GRID_FIELDS if len(values[n]) > 1), key=lambda n: (-len(values[n]), GRID_FIELDS.index(n)))
         axes = sorted(varying[:2], key=GRID_FIELDS.index)
         row_field = axes[0] if len(axes) == 2 else None
         column_field = axes[-1] if axes else None
         others = [n for n in varying if n not in axes]
+        rows = values[row_field] if row_field else [None]
+        columns = values[column_field] if column_field else [None]
+        row_at = {repr(v): i for i, v in enumerate(rows)}
+        column_at = {repr(v): i for i, v in enumerate(columns)}
+        # {the other fields' values: {(row chunk, column chunk): cells}}, members in table order
+        placed: dict[tuple[str, ...], dict[tuple[int, int], list[SheetCell]]] = {}
+        for r in group:
+            row_index = row_at[repr(r.get(row_field))] if row_field else 0
+            column_index = column_at[repr(r.get(column_field))] if column_field else 0
+            failures = tuple(f for f in str(r.get("quality_failures") or "").split("; ") if f)
+            column_value = r.get(column_field) if column_field else None
+            label = f"{r['request_key'][:8]} " + (f"{column_field} {_shown(column_value)}" if column_field else "")
+            path = r.get("video_path") if r.get("state") == str(State.COMPLETED) else None
+            cell = SheetCell(row_index % max_rows, column_index % max_columns, r["request_key"], label.strip(), path,
+                             _preview_name(r.get("video_sha256")), str(r.get("state")), failures)
+            chunk = (row_index // max_rows, column_index // max_columns)
+            placed.setdefault(tuple(repr(r.get(n)) for n in others), {}).setdefault(chunk, []).append(cell)
+        row_chunks, column_chunks = _chunks(rows, max_rows), _chunks(columns, max_columns)
         image_pages: list[SheetPage] = []
         for combination in itertools.product(*(values[n] for n in others)):
-            fixed = tuple(zip(others, combination, strict=True))
-            members = [r for r in group if all(repr(r.get(n)) == repr(v) for n, v in fixed)]
-            if not members:
-                continue
-            rows = values[row_field] if row_field else [None]
-            columns = values[column_field] if column_field else [None]
-            for row_chunk in _chunks(rows, max_rows):
-                for column_chunk in _chunks(columns, max_columns):
-                    cells = []
-                    for r in members:
-                        row_value = r.get(row_field) if row_field else None
-                        column_value = r.get(column_field) if column_field else None
-                        if row_field and repr(row_value) not in map(repr, row_chunk):
-                            continue
-                        if column_field and repr(column_value) not in map(repr, column_chunk):
-                            continue
-                        row_index = [repr(v) for v in row_chunk].index(repr(row_value)) if row_field else 0
-                        column_index = [repr(v) for v in column_chunk].index(repr(column_value)) if column_field else 0
-                        failures = tuple(f for f in str(r.get("quality_failures") or "").split("; ") if f)
-                        label = f"{r['request_key'][:8]} " + (f"{column_field} {_shown(column_value)}" if column_field else "")
-                        path = r.get("video_path") if r.get("state") == str(State.COMPLETED) else None
-                        cells.append(SheetCell(row_index, column_index, r["request_key"], label.strip(), path,
-                                               _preview_name(r.get("video_sha256")), str(r.get("state")), failures))
+            chunks = placed.get(tuple(repr(v) for v in combination))
+            if chunks is None:
+                continue  # no row has these values
+            for i, row_chunk in enumerate(row_chunks):
+                for j, column_chunk in enumerate(column_chunks):
                     image_pages.append(SheetPage(
                         image_ref=str(image_ref), row_field=row_field, column_field=column_field,
-                        row_values=tuple(row_chunk) if row_field else (), column_values=tuple(column_chunk) if column_field else (),
-                        fixed=fixed, cells=tuple(cells),
+                        row_values=tuple(row_chunk) if row_field else (),
+                        column_values=tuple(column_chunk) if column_field else (),
+                        fixed=tuple(zip(others, combination, strict=True)), cells=tuple(chunks.get((i, j), ())),
                     ))
         count = len(image_pages)
         pages += [replace(p, number=i + 1, of=count) for i, p in enumerate(image_pages)]
