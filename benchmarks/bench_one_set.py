@@ -4,7 +4,7 @@ The same measurement as figure 1 (`bench_e2e.measure_pipeline`: a fresh project,
 the sample images, a fresh emulator in benchmark mode, `wan-pipeline run` as a subprocess), at sizes
 up to 5,000 in one set, to say whether the wall stays within L + 60 s and the process within 1.5 GB,
 and where the knee is. The sensor half of that figure (20,000 due drained in at most 4 ticks) is
-`BENCH_SENSOR_DRAIN=20000 bench_sensor.py`.
+figure 8b, in `bench_sensor.py`.
 """
 
 from __future__ import annotations

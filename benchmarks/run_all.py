@@ -26,7 +26,7 @@ BENCHMARKS = (
     ("bench_one_set.py", 1200, 120),
     ("bench_polling.py", 300, 90),
     ("bench_submit.py", 420, 90),
-    ("bench_sensor.py", 600, 90),
+    ("bench_sensor.py", 900, 90),
     ("bench_ratelimit.py", 420, 90),
     ("bench_download.py", 300, 90),
     ("bench_catalog.py", 240, 90),
