@@ -134,7 +134,7 @@ def worker_collect(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_submit(params: dict[str, Any]) -> dict[str, Any]:
-    settings, ledger, config, requests = _setup(params)
+    _, ledger, config, requests = _setup(params)
     from wan_pipeline.api import AsyncAimlApiClient
     from wan_pipeline.ledger import Ledger
     from wan_pipeline.submission import TryLog, submit_prompt_set

@@ -182,7 +182,7 @@ def test_both_transports_read_large_slices() -> None:
         assert connection.READ_NUM_BYTES >= clients.READ_BYTES == 256 * 1024
 
 
-def test_an_inline_sink_writes_in_the_callers_thread_and_starts_no_worker(tmp_path: Path) -> None:
+def test_an_inline_sink_writes_in_the_callers_thread_and_starts_no_worker() -> None:
     # The sync client's sink: every chunk hashed and written by the thread that received it.
     rng = random.Random(7)
     data = rng.randbytes(2 * 1024 * 1024 + 5)
